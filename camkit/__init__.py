@@ -1,0 +1,64 @@
+"""camkit: class activation maps for any PyTorch model.
+
+Every CAM method is a plugin computing channel weights; the core captures activations and
+gradients for one call, forms the weighted sum and returns :class:`CamResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import (
+    CamkitError,
+    CamkitWarning,
+    InputError,
+    LayerError,
+    OptionError,
+    PluginError,
+    TargetError,
+    UnknownLayerError,
+    UnknownMethodError,
+)
+from .explain import Explainer, explain
+from .hookspecs import hookimpl
+from .layers import LayerInfo, layers
+from .method import Context, Method
+from .options import COMMON_OPTIONS
+from .registry import Registry, default_registry, list_methods
+from .result import CamResult
+from .targets import ClassTarget, Target
+from .viz import overlay
+
+#: The type of the ``register`` callback a plugin's ``register_methods`` receives.
+Register = Callable[[Method], None]
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COMMON_OPTIONS",
+    "CamResult",
+    "CamkitError",
+    "CamkitWarning",
+    "ClassTarget",
+    "Context",
+    "Explainer",
+    "InputError",
+    "LayerError",
+    "LayerInfo",
+    "Method",
+    "OptionError",
+    "PluginError",
+    "Register",
+    "Registry",
+    "Target",
+    "TargetError",
+    "UnknownLayerError",
+    "UnknownMethodError",
+    "__version__",
+    "default_registry",
+    "explain",
+    "hookimpl",
+    "layers",
+    "list_methods",
+    "overlay",
+]

@@ -1,0 +1,107 @@
+"""The weighted-sum class activation map and what follows it.
+
+For weights ``w`` and activations ``A`` of a layer, the map is
+
+.. math:: M = \\mathrm{ReLU}\\Big(\\sum_c w_c \\, A_c\\Big)
+
+with ``w`` of shape ``(N, C)`` (one weight per channel, broadcast over positions) or
+``(N, C, *S)`` (one per element). Each sample's map is then min-max normalised to [0, 1] (a
+constant map becomes zeros) and upsampled to the input's spatial size; maps of several layers
+are fused after that. All of it runs batched on the activations' device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["eigen_combine", "fuse_mean", "normalize", "upsample", "weighted_sum"]
+
+_AUTO_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    """``sum_c w * A`` over channels.
+
+    Args:
+        weights: ``(N, C)`` per channel or ``(N, C, *S)`` per element.
+        activations: ``(N, C, *S)``.
+
+    Returns:
+        ``(N, *S)``.
+    """
+    if weights.ndim == 2:
+        flat = activations.flatten(2)  # (N, C, P)
+        out = torch.einsum("nc,ncp->np", weights.to(flat.dtype), flat)
+        return out.reshape(activations.shape[:1] + activations.shape[2:])
+    return (weights.to(activations.dtype) * activations).sum(dim=1)
+
+
+def eigen_combine(weights: Tensor, activations: Tensor) -> Tensor:
+    """Projection of ``w * A`` on its first principal component, in place of the channel sum.
+
+    For each sample, the weighted activations are arranged as a ``(P, C)`` matrix over positions,
+    centred over positions and projected on their first right singular vector. The sign of a
+    singular vector is arbitrary; it is chosen so that the projection correlates positively with
+    the plain weighted sum, so maps do not flip between BLAS builds.
+
+    Args:
+        weights: ``(N, C)`` or ``(N, C, *S)``.
+        activations: ``(N, C, *S)``.
+
+    Returns:
+        ``(N, *S)``.
+    """
+    w = (
+        weights
+        if weights.ndim > 2
+        else weights.reshape(weights.shape + (1,) * (activations.ndim - 2))
+    )
+    weighted = (w.to(activations.dtype) * activations).flatten(2).transpose(1, 2)  # (N, P, C)
+    centred = weighted - weighted.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    proj = torch.einsum("npc,nc->np", centred, vh[:, 0, :])  # (N, P)
+    plain = weighted.sum(dim=2)
+    corr = ((proj - proj.mean(1, keepdim=True)) * (plain - plain.mean(1, keepdim=True))).sum(1)
+    sign = torch.where(corr < 0, -1.0, 1.0).to(proj.dtype)
+    return (proj * sign[:, None]).reshape(activations.shape[:1] + activations.shape[2:])
+
+
+def normalize(maps: Tensor) -> Tensor:
+    """Min-max each sample of ``maps`` ``(N, *S)`` to [0, 1]; a constant map becomes zeros."""
+    flat = maps.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    span = hi - lo
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    out = torch.where(span > 0, (flat - lo) / safe, torch.zeros_like(flat))
+    return out.reshape(maps.shape)
+
+
+def upsample(maps: Tensor, size: Sequence[int], mode: str | None) -> Tensor:
+    """Resize ``maps`` ``(N, *S)`` to ``size``; ``mode`` ``"auto"`` picks (bi/tri)linear by rank.
+
+    Maps already of that size, and ``mode=None``, are returned as they are. Modes that can
+    overshoot (bicubic) are clamped back to the input's range.
+    """
+    size = tuple(int(s) for s in size)
+    if mode is None or tuple(maps.shape[1:]) == size:
+        return maps
+    rank = maps.ndim - 1
+    if mode == "auto":
+        mode = _AUTO_MODES[rank]
+    kwargs = (
+        {"align_corners": False} if mode in ("linear", "bilinear", "bicubic", "trilinear") else {}
+    )
+    out = F.interpolate(maps.unsqueeze(1), size=size, mode=mode, **kwargs).squeeze(1)
+    if mode == "bicubic":
+        out = out.clamp(float(maps.min()), float(maps.max()))
+    return out
+
+
+def fuse_mean(maps: Sequence[Tensor]) -> Tensor:
+    """Fuse per-layer maps of one shape ``(N, *S)`` by their mean."""
+    return torch.stack(list(maps)).mean(dim=0)

@@ -1,0 +1,146 @@
+"""Capturing a layer's activations (and gradients) during one call.
+
+A :class:`Capture` puts forward hooks on the target layers for one call and takes them off in
+``__exit__`` whatever happened. Its hooks act only on forwards run by the thread (strictly: the
+``contextvars`` context) that opened it, so two threads explaining one model at the same time do
+not see each other's hooks.
+
+When gradients are needed, no autograd graph is built before the earliest target layer: the
+forward starts with grad mode off; in the first target's hook the activation becomes a fresh
+leaf that requires grad and grad mode is switched on for the rest of the forward (grad mode is
+per thread). Every hook hands a clone of the activation to the rest of the model, so in-place
+operations downstream (``out += identity``, ``ReLU(inplace=True)``) cannot alter what was
+captured. The caller's grad mode is restored on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import LayerError
+
+__all__ = ["Capture", "hooks_paused", "output_replaced"]
+
+_ACTIVE: ContextVar[Capture | None] = ContextVar("camkit_active_capture", default=None)
+_REPLACING: ContextVar[object | None] = ContextVar("camkit_replacing", default=None)
+
+
+class Capture:
+    """Forward hooks recording the outputs of ``layers`` for the forwards of this context.
+
+    Args:
+        layers: ``(name, module)`` pairs to record.
+        needs_gradients: build the autograd graph from the earliest target layer on, so that
+            :meth:`gradients` can differentiate a score with respect to the activations.
+
+    After a forward, ``activations[name]`` holds each layer's output: a tensor in the graph
+    when gradients are needed, a detached one otherwise.
+    """
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], needs_gradients: bool) -> None:
+        self.layers = list(layers)
+        self.needs_gradients = needs_gradients
+        self.activations: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        self._token: Any = None
+        self._grad_mode = True
+
+    def __enter__(self) -> Capture:
+        self._grad_mode = torch.is_grad_enabled()
+        try:
+            for name, module in self.layers:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._token = _ACTIVE.set(self)
+            torch.set_grad_enabled(False)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._token is not None:
+            _ACTIVE.reset(self._token)
+            self._token = None
+        torch.set_grad_enabled(self._grad_mode)
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if _ACTIVE.get() is not self:
+                return None  # another call's forward, or an inner forward of a method
+            if name in self.activations:
+                raise LayerError(
+                    f"layer {name!r} ({type(module).__name__}) runs more than once per forward "
+                    "(a module shared between places in the model), so its activation is "
+                    "ambiguous. Choose a module that runs once; camkit.layers(model, x) shows "
+                    "the call count of each."
+                )
+            if not isinstance(output, Tensor):
+                raise LayerError(
+                    f"layer {name!r} ({type(module).__name__}) returns "
+                    f"{type(output).__name__}, not a tensor. Choose a layer whose output is a "
+                    "tensor (N, C, *S), for example one of its submodules."
+                )
+            if not self.needs_gradients:
+                self.activations[name] = output.detach()
+                return output.clone()
+            if not output.requires_grad:
+                # the earliest target (or one on a branch no earlier target feeds): start
+                # the graph here
+                output = output.detach().requires_grad_(True)
+                torch.set_grad_enabled(True)
+            self.activations[name] = output
+            return output.clone()
+
+        return hook
+
+    def missing(self) -> list[str]:
+        """Names of target layers that did not run in the forward."""
+        return [name for name, _ in self.layers if name not in self.activations]
+
+
+@contextmanager
+def hooks_paused() -> Iterator[None]:
+    """Switch off the hooks of the current capture, for forwards a method runs itself."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextmanager
+def output_replaced(module: nn.Module, value: Tensor) -> Iterator[None]:
+    """Within this block, forwards of this thread see ``value`` as ``module``'s output."""
+    owner = object()
+    token = _REPLACING.set(owner)
+
+    def hook(mod: nn.Module, args: Any, output: Any) -> Any:
+        if _REPLACING.get() is not owner:
+            return None
+        return value.to(dtype=output.dtype) if isinstance(output, Tensor) else value
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _REPLACING.reset(token)

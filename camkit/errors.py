@@ -1,0 +1,81 @@
+"""Errors and warnings a user of camkit can meet.
+
+Every error a user can cause is a :class:`CamkitError`. Messages say what was expected, what was
+received and what to do about it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "CamkitError",
+    "CamkitWarning",
+    "InputError",
+    "LayerError",
+    "OptionError",
+    "PluginError",
+    "TargetError",
+    "UnknownLayerError",
+    "UnknownMethodError",
+]
+
+
+class CamkitError(Exception):
+    """Base class of every error camkit raises for something the caller can fix."""
+
+
+class CamkitWarning(UserWarning):
+    """Base class of camkit's warnings."""
+
+
+class InputError(CamkitError, TypeError):
+    """The input batch is not something camkit can explain (type, size, values, grad mode)."""
+
+
+class LayerError(CamkitError):
+    """A target layer cannot be used (no spatial output, runs twice, not on the score's path)."""
+
+
+class UnknownLayerError(LayerError, KeyError):
+    """A layer name that does not exist in the model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OptionError(CamkitError, TypeError):
+    """An option that is unknown or has a value of the wrong kind."""
+
+
+class TargetError(CamkitError, ValueError):
+    """A target that does not fit the batch or the model's output."""
+
+
+class PluginError(CamkitError):
+    """A plugin that fails to load or registers something invalid."""
+
+
+class UnknownMethodError(CamkitError, KeyError):
+    """A method name that no loaded plugin registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """Names among ``candidates`` that look like ``word``, best first."""
+    candidates = list(candidates)
+    found = difflib.get_close_matches(word, candidates, n=n, cutoff=0.5)
+    if not found:  # a suffix typed alone ("conv2") should still find "layer4.1.conv2"
+        found = [c for c in candidates if c.endswith("." + word) or c.endswith(word)][:n]
+    return found
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """A ``" Did you mean ...?"`` sentence, or an empty string when nothing is close."""
+    found = close_matches(word, candidates)
+    if not found:
+        return ""
+    return " Did you mean " + ", ".join(repr(f) for f in found) + "?"

@@ -1,0 +1,425 @@
+"""``camkit.explain`` and ``camkit.Explainer``: one call, top to bottom.
+
+1. check the inputs and resolve the target layer(s);
+2. open a :class:`~camkit.capture.Capture` for this call and run the forward;
+3. turn the target into one score per sample;
+4. if the method needs them, ``torch.autograd.grad`` of the scores to the activations only;
+5. the method computes weights; the core combines, applies ReLU, normalises, upsamples, fuses;
+6. return a :class:`~camkit.result.CamResult`; nothing of the call stays on the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import cam
+from .capture import Capture, hooks_paused, output_replaced
+from .errors import InputError, LayerError, OptionError, PluginError, TargetError
+from .layers import LayerSpec, default_layer, has_spatial_extent, probe, resolve_layers
+from .method import Context, Method
+from .options import resolve_options
+from .registry import Registry, default_registry
+from .result import CamResult
+from .targets import Target, as_target
+
+__all__ = ["Explainer", "explain"]
+
+
+def _check_inputs(x: Any) -> tuple[Tensor, ...]:
+    inputs = x if isinstance(x, tuple) else (x,)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        got = type(x).__name__ if not isinstance(x, tuple) else [type(t).__name__ for t in x]
+        raise InputError(
+            f"x expects a tensor (N, C, *S) or a tuple of tensors; got {got}. Convert images "
+            "with torch.as_tensor(...) and stack them into a batch."
+        )
+    first = inputs[0]
+    if first.ndim < 2:
+        raise InputError(
+            f"x expects a batch (N, C, *S); got shape {tuple(first.shape)}. Add the batch "
+            "dimension with x.unsqueeze(0)."
+        )
+    if first.shape[0] == 0:
+        raise InputError(
+            f"x is an empty batch, shape {tuple(first.shape)}; pass at least one sample."
+        )
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(
+                f"input {i} holds NaN or infinite values; expected finite numbers. Check the "
+                "preprocessing (division by a zero std, an unreadable image)."
+            )
+    if torch.is_inference_mode_enabled():
+        raise InputError(
+            "camkit cannot compute maps inside torch.inference_mode(): it needs autograd from "
+            "the target layer on. Call it outside inference_mode (torch.no_grad() is fine)."
+        )
+    # inference tensors cannot enter autograd; a plain copy can
+    return tuple(t.clone() if t.is_inference() else t for t in inputs)
+
+
+def select_output(output: Any, choice: Any) -> Any:
+    """The part of the model output that targets score (the ``output`` option)."""
+    if choice is None:
+        if isinstance(output, Tensor):
+            return output
+        if isinstance(output, Mapping):
+            for key in ("logits", "out"):
+                if key in output:
+                    return output[key]
+        if hasattr(output, "logits") and isinstance(output.logits, Tensor):
+            return output.logits
+        return output
+    if callable(choice):
+        return choice(output)
+    try:
+        if isinstance(choice, str) and not isinstance(output, Mapping):
+            return getattr(output, choice)
+        return output[choice]
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise OptionError(
+            f"option output={choice!r} does not select anything from the model output "
+            f"of type {type(output).__name__}: {exc}. Pass an index, a key or a callable."
+        ) from exc
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer afterwards when some module is in training mode."""
+    if not any(m.training for m in model.modules()):
+        yield
+        return
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class Explainer:
+    """Explain one model with one method; reusable, thread-safe, and a context manager.
+
+    Args:
+        model: the model (any ``nn.Module``).
+        layer: target layer(s): a dotted name, a module, a list of those, or ``None`` for the
+            last spatial layer (found by one extra no-grad forward on the first call, then
+            remembered per input shape).
+        method: a method name (see :func:`camkit.list_methods`) or a :class:`camkit.Method`.
+        registry: the registry to look names up in (default: the process-wide one).
+        **options: options shared by every method (``relu``, ``normalize``, ``upsample``,
+            ``batch_size``, ...; see the options table) and the method's own.
+
+    Example:
+        >>> with camkit.Explainer(model, layer="layer4", method="gradcam") as ex:
+        ...     res = ex(x, target=[281, 282])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec = None,
+        method: str | Method = "gradcam",
+        *,
+        registry: Registry | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(
+                f"model expects a torch.nn.Module; got {type(model).__name__}. Pass the model "
+                "object, not its output or state_dict."
+            )
+        self.method = (registry or default_registry()).get(method)
+        self.options = resolve_options(
+            self.method.name, self.method.options, options, self.method.check_options
+        )
+        self.model: nn.Module | None = model
+        self.layer = layer
+        if layer is not None:
+            resolve_layers(model, layer)  # fail early on unknown names
+        self._auto_layers: dict[Any, str] = {}
+
+    def __enter__(self) -> Explainer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the reference to the model; the explainer cannot be called afterwards."""
+        self.model = None
+        self._auto_layers.clear()
+
+    # -- one call --------------------------------------------------------------------------
+    def __call__(self, x: Any, target: Any = None, **options: Any) -> CamResult:
+        """Explain the batch ``x`` for ``target``.
+
+        Args:
+            x: ``(N, C_in, *S_in)`` tensor, or a tuple of tensors whose first gives the map's size.
+            target: ``None`` (predicted class), an int, ``N`` ints, a callable
+                ``f(output) -> (N,)`` or a target object.
+            **options: options overriding the explainer's for this call.
+
+        Returns:
+            A :class:`CamResult`.
+        """
+        model = self.model
+        if model is None:
+            raise InputError("this Explainer was closed; create a new one to explain more inputs.")
+        opts = (
+            resolve_options(
+                self.method.name,
+                self.method.options,
+                {**{k: v for k, v in self.options.items()}, **options},
+                self.method.check_options,
+            )
+            if options
+            else self.options
+        )
+        inputs = _check_inputs(x)
+        kwargs = dict(opts["model_kwargs"] or {})
+        layers = self._layers(model, inputs, kwargs)
+        with _buffers_kept(model):
+            return _run(model, inputs, kwargs, layers, self.method, target, opts)
+
+    def _layers(
+        self, model: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Any]
+    ) -> list[tuple[str, nn.Module]]:
+        if self.layer is not None:
+            return resolve_layers(model, self.layer)
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        name = self._auto_layers.get(key)
+        if name is None:
+            with _buffers_kept(model):
+                records = probe(model, lambda: model(*inputs, **kwargs))
+            name = default_layer(records)[0]
+            self._auto_layers[key] = name
+        return resolve_layers(model, name)
+
+
+def explain(
+    model: nn.Module,
+    x: Any,
+    method: str | Method = "gradcam",
+    layer: LayerSpec = None,
+    target: Any = None,
+    **options: Any,
+) -> CamResult:
+    """Explain ``model`` on the batch ``x`` with ``method`` at ``layer``.
+
+    Args:
+        model: any ``nn.Module``.
+        x: ``(N, C_in, *S_in)`` tensor (1D, 2D or 3D spatial), or a tuple of tensors.
+        method: a registered method name or a :class:`camkit.Method` instance.
+        layer: a dotted name, a module, a list of those, or ``None`` (the last spatial layer).
+        target: ``None`` (predicted class), an int, ``N`` ints, a callable or a target object.
+        **options: see the options table (``relu``, ``normalize``, ``upsample``, ...).
+
+    Returns:
+        A :class:`CamResult` with ``maps`` ``(N, *S_in)`` in [0, 1].
+    """
+    with Explainer(model, layer=layer, method=method, **options) as ex:
+        return ex(x, target=target)
+
+
+def _run(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    kwargs: dict[str, Any],
+    layers: list[tuple[str, nn.Module]],
+    method: Method,
+    target_spec: Any,
+    opts: Mapping[str, Any],
+) -> CamResult:
+    n = int(inputs[0].shape[0])
+    names = [name for name, _ in layers]
+    with Capture(layers, needs_gradients=method.needs_gradients) as capture:
+        raw_output = model(*inputs, **kwargs)
+        missing = capture.missing()
+        if missing:
+            raise LayerError(
+                f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward "
+                "on this input; choose layers the forward uses (camkit.layers(model, x))."
+            )
+        output = select_output(raw_output, opts["output"])
+        target, classes = as_target(target_spec, output, n)
+        rows = torch.arange(n, device=inputs[0].device)
+        scores = target.scores(output, rows)
+        if not isinstance(scores, Tensor) or scores.shape != (n,):
+            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise TargetError(f"the target must give one score per sample, ({n},); got {got}.")
+        acts = [capture.activations[name] for name in names]
+        grads: list[Tensor | None] = [None] * len(acts)
+        if method.needs_gradients:
+            if not scores.requires_grad:
+                raise LayerError(
+                    f"the target score does not depend on layer(s) {', '.join(names)}: no "
+                    "gradient flows from it to them. Choose a layer on the path to the scored "
+                    "output (camkit.layers(model, x))."
+                )
+            found = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+            for name, g in zip(names, found, strict=True):
+                if g is None:
+                    raise LayerError(
+                        f"the target score does not depend on layer {name!r}: no gradient "
+                        "flows to it. Choose a layer on the path to the scored output."
+                    )
+            grads = list(found)
+        scores = scores.detach()
+
+    generator = torch.Generator(device=inputs[0].device).manual_seed(opts["seed"])
+    score_fn = _scorer(model, kwargs, target, opts)
+    spatial = tuple(inputs[0].shape[2:])
+    maps: list[Tensor] = []
+    raws: dict[str, Tensor] = {}
+    weights_out: dict[str, Tensor] = {}
+    for (name, module), act, grad in zip(layers, acts, grads, strict=True):
+        activations, gradients = _prepare(name, act, grad, opts["reshape"])
+        ctx = Context(
+            model=model,
+            inputs=inputs,
+            output=output,
+            layer=name,
+            activations=activations,
+            gradients=gradients,
+            scores=scores,
+            target=target,
+            options=opts,
+            generator=generator,
+            score=score_fn,
+            run_suffix=_suffix_runner(model, inputs, kwargs, module, target, opts),
+        )
+        w = method.weights(ctx)
+        _check_weights(method, w, activations)
+        raw = method.combine(ctx, w).detach()
+        if opts["relu"]:
+            raw = raw.clamp_min(0)
+        raws[name], weights_out[name] = raw, w.detach()
+        m = cam.normalize(raw) if opts["normalize"] else raw
+        if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
+            m = cam.upsample(m, spatial, opts["upsample"])
+        maps.append(m)
+    if len(maps) > 1:
+        size = max((tuple(m.shape[1:]) for m in maps), key=math.prod)
+        maps = [cam.upsample(m, size, "auto") for m in maps]
+        fused = method.fuse(maps, opts)
+        final = cam.normalize(fused) if opts["normalize"] else fused
+    else:
+        final = maps[0]
+    single = len(names) == 1
+    return CamResult(
+        maps=final.float(),
+        raw=raws[names[0]] if single else raws,
+        weights=weights_out[names[0]] if single else weights_out,
+        targets=classes,
+        scores=scores,
+        layer=names[0] if single else names,
+        method=method.name,
+    )
+
+
+def _prepare(
+    name: str, a: Tensor, g: Tensor | None, reshape: Callable[[Tensor], Tensor] | None
+) -> tuple[Tensor, Tensor | None]:
+    a = a.detach()
+    if reshape is not None:
+        a = reshape(a)
+        g = reshape(g) if g is not None else None
+    if not has_spatial_extent(a):
+        raise LayerError(
+            f"layer {name!r} gives an output of shape {tuple(a.shape)}, which has no spatial "
+            "extent to map: expected (N, C, *S) with more than one position. Choose an earlier "
+            "layer (before global pooling or flattening), or pass reshape=... for token outputs."
+        )
+    if a.dtype in (torch.float16, torch.bfloat16):  # weights and sums in float32
+        a = a.float()
+        g = g.float() if g is not None else None
+    return a, g
+
+
+def _check_weights(method: Method, w: Any, activations: Tensor) -> None:
+    n, c = activations.shape[:2]
+    ok = isinstance(w, Tensor) and (
+        tuple(w.shape) == (n, c) or tuple(w.shape) == tuple(activations.shape)
+    )
+    if not ok:
+        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        raise PluginError(
+            f"method {method.name!r} returned weights of shape {got}; expected ({n}, {c}) or "
+            f"{tuple(activations.shape)} for activations {tuple(activations.shape)}."
+        )
+
+
+def _scorer(
+    model: nn.Module, kwargs: dict[str, Any], target: Target, opts: Mapping[str, Any]
+) -> Callable[[Any, Tensor], Tensor]:
+    """``ctx.score``: re-score new inputs in chunks, hooks off, no gradients."""
+
+    def score(new_inputs: Any, index: Tensor) -> Tensor:
+        batch = new_inputs if isinstance(new_inputs, tuple) else (new_inputs,)
+        m = int(batch[0].shape[0])
+        if index.shape != (m,):
+            raise PluginError(
+                f"ctx.score got {m} input rows but an index of shape {tuple(index.shape)}; "
+                f"expected ({m},)."
+            )
+        out = []
+        with hooks_paused(), torch.no_grad():
+            for sl in _chunks(m, opts["batch_size"]):
+                o = select_output(model(*(t[sl] for t in batch), **kwargs), opts["output"])
+                out.append(target.scores(o, index[sl]).detach())
+        return torch.cat(out)
+
+    return score
+
+
+def _suffix_runner(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    kwargs: dict[str, Any],
+    module: nn.Module,
+    target: Target,
+    opts: Mapping[str, Any],
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``ctx.run_suffix``: score the model with the layer's output replaced, in chunks.
+
+    This version re-runs the model on the samples ``inputs[index]`` and substitutes the layer's
+    output, which is exact for any model (a residual that crosses the layer still sees the
+    sample's own prefix values).
+    """
+
+    def run_suffix(activations: Tensor, index: Tensor) -> Tensor:
+        m = int(activations.shape[0])
+        if index.shape != (m,):
+            raise PluginError(
+                f"ctx.run_suffix got {m} activation rows but an index of shape "
+                f"{tuple(index.shape)}; expected ({m},)."
+            )
+        out = []
+        rows_all = index.to(inputs[0].device)
+        with hooks_paused(), torch.no_grad():
+            for sl in _chunks(m, opts["batch_size"]):
+                with output_replaced(module, activations[sl]):
+                    o = model(*(t[rows_all[sl]] for t in inputs), **kwargs)
+                out.append(target.scores(select_output(o, opts["output"]), index[sl]).detach())
+        return torch.cat(out)
+
+    return run_suffix

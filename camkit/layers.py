@@ -1,0 +1,183 @@
+"""Finding the layer to explain.
+
+A layer is given as a dotted name (``"layer4.1.conv2"``; integers index a module's children,
+negative too: ``"features.-1"``), a module of the model, a list of those, or ``None``. ``None``
+picks the last module, in the order modules finish, whose output has spatial extent > 1 and that
+runs once per forward; among modules returning that very tensor it takes the outermost one
+(``layer4`` for a torchvision ResNet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LayerError, UnknownLayerError, did_you_mean
+
+__all__ = ["LayerInfo", "has_spatial_extent", "layers", "module_names", "resolve_layers"]
+
+LayerSpec = str | nn.Module | Sequence[str | nn.Module] | None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A module seen in one forward.
+
+    Attributes:
+        name: dotted name in ``model.named_modules()``.
+        type: the module's class name.
+        shape: output shape, or ``None`` when the output is not a tensor.
+        calls: how many times the module ran in the forward.
+        candidate: output has spatial extent > 1 and the module runs once.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...] | None
+    calls: int
+    candidate: bool
+
+
+def has_spatial_extent(t: Any) -> bool:
+    """``t`` is a tensor ``(N, C, *S)`` with at least one spatial dim and more than one position."""
+    return isinstance(t, Tensor) and t.ndim >= 3 and math.prod(t.shape[2:]) > 1
+
+
+def module_names(model: nn.Module) -> dict[nn.Module, str]:
+    """Map each module of ``model`` to its first dotted name (``""`` for the model)."""
+    names: dict[nn.Module, str] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(mod, name)
+    return names
+
+
+def _by_name(model: nn.Module, name: str) -> nn.Module:
+    if name == "":
+        return model
+    mod = model
+    for i, part in enumerate(name.split(".")):
+        children = mod._modules
+        if part in children and children[part] is not None:
+            mod = children[part]  # type: ignore[assignment]
+            continue
+        try:
+            idx = int(part)
+        except ValueError:
+            idx = None
+        kids = [m for m in children.values() if m is not None]
+        if idx is not None and -len(kids) <= idx < len(kids):
+            mod = kids[idx]
+            continue
+        so_far = ".".join(name.split(".")[:i]) or "the model"
+        all_names = [n for n, _ in model.named_modules() if n]
+        hint = did_you_mean(name, all_names)
+        raise UnknownLayerError(
+            f"no layer {name!r} in {type(model).__name__}: {so_far} has no child {part!r}.{hint} "
+            "List layers with camkit.layers(model, x)."
+        )
+    return mod
+
+
+def _one(model: nn.Module, spec: Any, names: dict[nn.Module, str]) -> tuple[str, nn.Module]:
+    if isinstance(spec, str):
+        mod = _by_name(model, spec)
+        return names[mod], mod
+    if isinstance(spec, nn.Module):
+        if spec not in names:
+            raise UnknownLayerError(
+                f"the module {type(spec).__name__} passed as layer is not part of the model "
+                f"{type(model).__name__}. Pass a submodule of the model or its dotted name."
+            )
+        return names[spec], spec
+    raise LayerError(
+        "layer expects None, a dotted name, a module of the model or a list of those; "
+        f"got {type(spec).__name__}."
+    )
+
+
+def resolve_layers(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Module]]:
+    """Resolve explicit layer specs (not ``None``) to ``(name, module)`` pairs, in given order."""
+    names = module_names(model)
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not specs:
+        raise LayerError("layer expects at least one layer; got an empty list.")
+    out = [_one(model, s, names) for s in specs]
+    seen = set()
+    for name, _ in out:
+        if name in seen:
+            raise LayerError(f"layer {name!r} is listed twice; list each layer once.")
+        seen.add(name)
+    return out
+
+
+def probe(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, nn.Module, Any, int]]:
+    """Run ``run()`` (one forward) with hooks on every module, without gradients.
+
+    Returns:
+        ``(name, module, output, calls)`` for each module that ran, in the order they finished
+        (their last call).
+    """
+    names = module_names(model)
+    seen: dict[nn.Module, list[Any]] = {}
+    order: list[nn.Module] = []
+
+    def hook(mod: nn.Module, args: Any, output: Any) -> None:
+        rec = seen.setdefault(mod, [None, 0])
+        rec[0] = output
+        rec[1] += 1
+        if mod in order:
+            order.remove(mod)
+        order.append(mod)
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return [(names[m], m, seen[m][0], seen[m][1]) for m in order]
+
+
+def default_layer(records: list[tuple[str, nn.Module, Any, int]]) -> tuple[str, nn.Module]:
+    """The layer ``None`` stands for, from :func:`probe` records (see module docstring)."""
+    # walking back from the end, the first usable module is also the outermost one returning
+    # that tensor: a parent finishes after the child whose output it returns
+    for name, mod, out, calls in reversed(records):
+        if calls == 1 and has_spatial_extent(out) and name != "":
+            return name, mod
+    raise LayerError(
+        "found no layer to explain: no module that runs once per forward has an output of "
+        "shape (N, C, *S) with more than one spatial position. Pass layer=... explicitly "
+        "(camkit.layers(model, x) lists them) and, for token outputs, reshape=... ."
+    )
+
+
+def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
+    """List the modules of ``model`` that run on ``x``, with output shapes, in finishing order.
+
+    Args:
+        model: the model.
+        x: an input batch (a tensor or a tuple of tensors).
+        **model_kwargs: extra keyword arguments for the model.
+
+    Returns:
+        One :class:`LayerInfo` per module that ran; ``candidate`` marks usable layers.
+    """
+    inputs = x if isinstance(x, tuple) else (x,)
+    records = probe(model, lambda: model(*inputs, **model_kwargs))
+    return [
+        LayerInfo(
+            name=name,
+            type=type(mod).__name__,
+            shape=tuple(out.shape) if isinstance(out, Tensor) else None,
+            calls=calls,
+            candidate=calls == 1 and has_spatial_extent(out) and name != "",
+        )
+        for name, mod, out, calls in records
+    ]

@@ -1,0 +1,102 @@
+"""The plugin contract: :class:`Method` computes weights from a :class:`Context`.
+
+A method is a stateless object; per-call options arrive in ``ctx.options``. The core forms the
+map from the weights (see :mod:`camkit.cam`). A method whose map is not a plain weighted sum
+overrides :meth:`Method.combine`; one that fuses several layers its own way overrides
+:meth:`Method.fuse`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from . import cam
+from .targets import Target
+
+__all__ = ["Context", "Method"]
+
+
+@dataclass
+class Context:
+    """Everything a method sees for one layer of one call.
+
+    Attributes:
+        model: the model being explained.
+        inputs: the input batch as a tuple of tensors, the first ``(N, C_in, *S_in)``.
+        output: the model output that targets score (after the ``output`` option).
+        layer: the layer's dotted name.
+        activations: ``(N, C, *S)`` the layer's output, detached (after ``reshape``).
+        gradients: ``(N, C, *S)`` d(sum of scores)/d(activations), or ``None`` when the method
+            does not need gradients.
+        scores: ``(N,)`` the target score of each sample.
+        target: the target; ``target.scores(output, index)`` scores any rows.
+        options: every option of the call, common and the method's own, with values.
+        generator: a ``torch.Generator`` on the inputs' device seeded with ``options["seed"]``.
+        score: ``score(inputs, index) -> (M,)`` re-scores new inputs ``(M, ...)`` (a tensor or a
+            tuple like ``inputs``) whose row ``m`` comes from sample ``index[m]``; the capture
+            hooks are off, no gradients, in chunks of ``options["batch_size"]``.
+        run_suffix: ``run_suffix(activations, index) -> (M,)`` scores the model with the
+            layer's output replaced by ``activations`` ``(M, C, *S)`` whose row ``m`` belongs to
+            sample ``index[m]``, in chunks of ``options["batch_size"]``.
+    """
+
+    model: nn.Module
+    inputs: tuple[Tensor, ...]
+    output: Any
+    layer: str
+    activations: Tensor
+    gradients: Tensor | None
+    scores: Tensor
+    target: Target
+    options: Mapping[str, Any]
+    generator: torch.Generator
+    score: Callable[[Any, Tensor], Tensor] = field(repr=False)
+    run_suffix: Callable[[Tensor, Tensor], Tensor] = field(repr=False)
+
+
+class Method:
+    """Base class of CAM methods; subclasses set ``name`` and implement :meth:`weights`.
+
+    Attributes:
+        name: canonical name, lowercase words joined by hyphens (``"gradcam"``).
+        aliases: other names that resolve to this method (``("gradcam++",)``).
+        citation: the paper, as authors, year and title.
+        needs_gradients: the core computes ``ctx.gradients`` when true.
+        class_discriminative: the map changes with the target class.
+        cost: forwards and backwards per sample, in words.
+        options: the method's own options and their defaults.
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    citation: ClassVar[str] = ""
+    needs_gradients: ClassVar[bool] = True
+    class_discriminative: ClassVar[bool] = True
+    cost: ClassVar[str] = ""
+    options: ClassVar[Mapping[str, Any]] = {}
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise :class:`~camkit.errors.OptionError` for bad values of the method's options."""
+
+    def weights(self, ctx: Context) -> Tensor:
+        """Weights ``(N, C)`` per channel or ``(N, C, *S)`` per element for ``ctx.activations``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement weights(ctx)")
+
+    def combine(self, ctx: Context, weights: Tensor) -> Tensor:
+        """The map before ReLU, ``(N, *S)``: ``sum_c w * A`` (its principal component under
+        ``eigen_smooth``)."""
+        if ctx.options["eigen_smooth"]:
+            return cam.eigen_combine(weights, ctx.activations)
+        return cam.weighted_sum(weights, ctx.activations)
+
+    def fuse(self, maps: Sequence[Tensor], options: Mapping[str, Any]) -> Tensor:
+        """Fuse normalised, upsampled maps of several layers, each ``(N, *S)``: their mean."""
+        return cam.fuse_mean(maps)
+
+    def __repr__(self) -> str:
+        return f"<camkit method {self.name!r} ({type(self).__module__}.{type(self).__qualname__})>"
