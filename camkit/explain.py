@@ -313,10 +313,11 @@ def _run(
         if opts["relu"]:
             raw = raw.clamp_min(0)
         raws[name], weights_out[name] = raw, w.detach()
-        m = cam.normalize(raw) if opts["normalize"] else raw
+        m = raw
         if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
             m = cam.upsample(m, spatial, opts["upsample"])
-        maps.append(m)
+        # normalised after upsampling, so that every map spans exactly [0, 1]
+        maps.append(cam.normalize(m) if opts["normalize"] else m)
     if len(maps) > 1:
         size = max((tuple(m.shape[1:]) for m in maps), key=math.prod)
         maps = [cam.upsample(m, size, "auto") for m in maps]

@@ -57,7 +57,7 @@ class ClassTarget:
         if bool(bad.any()):
             raise TargetError(
                 f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
-                f"got {self.classes[bad].tolist()}."
+                f"got {sorted(set(self.classes[bad].tolist()))}."
             )
 
     def scores(self, output: Any, index: Tensor) -> Tensor:

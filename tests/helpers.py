@@ -1,0 +1,123 @@
+"""Tiny models with known weights and a snapshot of model state, shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+torch.set_num_threads(2)
+
+
+class Fixed(nn.Module):
+    """Ignores its input's values and returns a fixed activation batch (known A)."""
+
+    def __init__(self, activations: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("a", activations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a[: x.shape[0]] + 0 * x.sum()
+
+
+class FlattenHead(nn.Module):
+    """layer -> flatten -> linear: the gradient at each position is the linear weight there."""
+
+    def __init__(self, activations: Tensor, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.layer = Fixed(activations)
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.layer(x).flatten(1))
+
+
+class MaxPoolHead(nn.Module):
+    """layer -> global max-pool -> linear: the gradient sits at each channel's argmax."""
+
+    def __init__(self, activations: Tensor, weight: Tensor) -> None:
+        super().__init__()
+        self.layer = Fixed(activations)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.layer(x)).flatten(1))
+
+
+class ResidualNet(nn.Module):
+    """conv -> bn -> (+= shortcut, in place) -> ReLU(inplace) -> pool -> fc; BN has statistics."""
+
+    def __init__(self, inplace: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.inplace = inplace
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4 * 16, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            self.bn.running_mean.copy_(torch.randn(8, generator=g) * 0.1)
+            self.bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = torch.relu(self.stem(x))
+        out = self.bn(self.conv(s))
+        if self.inplace:
+            out += s
+        else:
+            out = out + s
+        out = self.relu(out)
+        out = nn.functional.max_pool2d(torch.relu(self.head(out)), 2)
+        return self.fc(out.flatten(1))
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything an explain call must leave as it found it."""
+    return {
+        "hooks": [
+            (
+                name,
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._backward_hooks),
+                len(getattr(m, "_backward_pre_hooks", {})),
+            )
+            for name, m in model.named_modules()
+        ],
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": [b.detach().clone() for b in model.buffers()],
+        "grad_mode": torch.is_grad_enabled(),
+    }
+
+
+def assert_unchanged(before: dict[str, Any], model: nn.Module) -> None:
+    after = snapshot(model)
+    assert after["hooks"] == before["hooks"]
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    for a, b in zip(after["grads"], before["grads"], strict=True):
+        assert (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+    for a, b in zip(after["params"], before["params"], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(after["buffers"], before["buffers"], strict=True):
+        assert torch.equal(a, b)
+    assert after["grad_mode"] == before["grad_mode"]
+
+
+def hook_count(model: nn.Module) -> int:
+    """Hooks of every kind on every module of ``model``."""
+    return sum(sum(counts) for _, *counts in snapshot(model)["hooks"])

@@ -1,0 +1,87 @@
+"""The weighted sum, normalisation, upsampling and fusion, on known numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import camkit
+from camkit import cam
+from camkit.toy import TinyCNN
+
+
+def test_weighted_sum_channel_and_element_weights() -> None:
+    a = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # (1, 2, 2): C=2, 1D with 2 positions
+    assert torch.equal(cam.weighted_sum(torch.tensor([[2.0, -1.0]]), a), torch.tensor([[-1.0, 0.0]]))
+    w = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    assert torch.equal(cam.weighted_sum(w, a), torch.tensor([[1.0, 4.0]]))
+
+
+def test_normalize_constant_map_is_zero_not_nan() -> None:
+    maps = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0], [0.0, 0.0, 0.0]])
+    out = cam.normalize(maps)
+    assert torch.equal(out, torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_upsample_by_rank() -> None:
+    one = cam.upsample(torch.tensor([[0.0, 1.0]]), (4,), "auto")
+    assert torch.equal(one, torch.tensor([[0.0, 0.25, 0.75, 1.0]]))
+    two = cam.upsample(torch.tensor([[[0.0, 1.0], [1.0, 1.0]]]), (4, 4), "auto")
+    assert two.shape == (1, 4, 4)
+    assert torch.equal(two[0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    # (1, 1) samples the source at (0.25, 0.25): 1 - 0.75 * 0.75 of the way to the ones
+    assert float(two[0, 1, 1]) == pytest.approx(1 - 0.75 * 0.75)
+    three = cam.upsample(torch.zeros(1, 2, 2, 2).index_fill_(1, torch.tensor([1]), 1.0), (4, 4, 4),
+                         "auto")
+    assert torch.equal(three[0, :, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    near = cam.upsample(torch.tensor([[0.0, 1.0]]), (4,), "nearest")
+    assert torch.equal(near, torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    same = torch.rand(1, 3)
+    assert cam.upsample(same, (3,), "auto") is same
+    assert cam.upsample(same, (6,), None) is same
+
+
+def test_eigen_combine_is_the_first_component_with_a_fixed_sign() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64)
+    w = torch.rand(2, 4, generator=gen, dtype=torch.float64)
+    out = cam.eigen_combine(w, a)
+    for n in range(2):
+        m = (w[n, :, None] * a[n].flatten(1)).T  # (P, C)
+        c = m - m.mean(0)
+        _, _, vh = torch.linalg.svd(c, full_matrices=False)
+        proj = c @ vh[0]
+        plain = m.sum(1)
+        if torch.dot(proj - proj.mean(), plain - plain.mean()) < 0:
+            proj = -proj
+        torch.testing.assert_close(out[n].flatten(), proj)
+
+
+@pytest.mark.parametrize("dims,size", [(1, (20,)), (2, (10, 12)), (3, (6, 8, 4))])
+def test_explain_1d_2d_3d(dims: int, size: tuple[int, ...]) -> None:
+    model = TinyCNN(dims=dims).eval()
+    x = torch.randn(2, 3, *size)
+    res = camkit.explain(model, x, target=[0, 1])
+    assert res.maps.shape == (2, *size) and res.maps.dtype == torch.float32
+    assert res.raw.shape == (2, *(-(-s // 2) for s in size))
+    expected = cam.normalize(cam.upsample(res.raw, size, "auto"))
+    torch.testing.assert_close(res.maps, expected)
+    assert float(res.maps.amin()) == 0.0 and float(res.maps.amax()) == 1.0
+    low = camkit.explain(model, x, target=[0, 1], upsample=None)
+    assert low.maps.shape == res.raw.shape
+
+
+def test_relu_false_keeps_sign_and_normalize_false_keeps_scale() -> None:
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 12, 12)
+    signed = camkit.explain(model, x, relu=False, normalize=False, upsample=None, target=[0, 1])
+    relu = camkit.explain(model, x, normalize=False, upsample=None, target=[0, 1])
+    assert float(signed.raw.min()) < 0
+    assert torch.equal(relu.raw, signed.raw.clamp_min(0))
+    assert torch.equal(relu.maps, relu.raw)
+
+
+def test_bfloat16_model_gives_float32_maps() -> None:
+    model = TinyCNN().eval().to(torch.bfloat16)
+    res = camkit.explain(model, torch.randn(1, 3, 12, 12, dtype=torch.bfloat16), target=0)
+    assert res.maps.dtype == torch.float32 and res.raw.dtype == torch.float32
