@@ -7,7 +7,8 @@ For weights ``w`` and activations ``A`` of a layer, the map is
 with ``w`` of shape ``(N, C)`` (one weight per channel, broadcast over positions) or
 ``(N, C, *S)`` (one per element). Each sample's map is then upsampled to the input's spatial
 size and min-max normalised to [0, 1] (a constant map becomes zeros), in that order so every
-map spans exactly [0, 1]; maps of several layers are fused after that. All of it runs batched on the activations' device.
+map spans exactly [0, 1]; maps of several layers are fused after that. All of it runs batched
+on the activations' device.
 """
 
 from __future__ import annotations

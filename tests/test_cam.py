@@ -12,7 +12,9 @@ from camkit.toy import TinyCNN
 
 def test_weighted_sum_channel_and_element_weights() -> None:
     a = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # (1, 2, 2): C=2, 1D with 2 positions
-    assert torch.equal(cam.weighted_sum(torch.tensor([[2.0, -1.0]]), a), torch.tensor([[-1.0, 0.0]]))
+    assert torch.equal(
+        cam.weighted_sum(torch.tensor([[2.0, -1.0]]), a), torch.tensor([[-1.0, 0.0]])
+    )
     w = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert torch.equal(cam.weighted_sum(w, a), torch.tensor([[1.0, 4.0]]))
 
@@ -31,8 +33,9 @@ def test_upsample_by_rank() -> None:
     assert torch.equal(two[0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
     # (1, 1) samples the source at (0.25, 0.25): 1 - 0.75 * 0.75 of the way to the ones
     assert float(two[0, 1, 1]) == pytest.approx(1 - 0.75 * 0.75)
-    three = cam.upsample(torch.zeros(1, 2, 2, 2).index_fill_(1, torch.tensor([1]), 1.0), (4, 4, 4),
-                         "auto")
+    three = cam.upsample(
+        torch.zeros(1, 2, 2, 2).index_fill_(1, torch.tensor([1]), 1.0), (4, 4, 4), "auto"
+    )
     assert torch.equal(three[0, :, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
     near = cam.upsample(torch.tensor([[0.0, 1.0]]), (4,), "nearest")
     assert torch.equal(near, torch.tensor([[0.0, 0.0, 1.0, 1.0]]))

@@ -12,9 +12,9 @@ from helpers import ResidualNet, assert_unchanged, hook_count, snapshot
 from torch import nn
 
 import camkit
-from camkit.toy import TinyCNN
 from camkit.capture import Capture
 from camkit.layers import resolve_layers
+from camkit.toy import TinyCNN
 
 
 def test_model_state_unchanged_eval_and_train() -> None:
@@ -68,17 +68,17 @@ def test_graph_starts_at_the_target_layer() -> None:
 
 
 def test_forward_error_propagates_and_model_is_clean() -> None:
-    class Boom(RuntimeError):
+    class BoomError(RuntimeError):
         pass
 
     class Failing(ResidualNet):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = self.bn(self.conv(torch.relu(self.stem(x))))
-            raise Boom(f"failed after the layer, {tuple(out.shape)}")
+            raise BoomError(f"failed after the layer, {tuple(out.shape)}")
 
     model = Failing().eval()
     before = snapshot(model)
-    with pytest.raises(Boom, match="failed after the layer"):
+    with pytest.raises(BoomError, match="failed after the layer"):
         camkit.explain(model, torch.randn(1, 3, 8, 8), layer="bn")
     assert_unchanged(before, model)
     assert hook_count(model) == 0
@@ -98,7 +98,10 @@ def test_two_threads_get_their_own_maps() -> None:
     model = TinyCNN(seed=3).eval()
     xs = [torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
     targets = [[0, 1, 2, 3], [4, 3, 2, 1]]
-    alone = [camkit.explain(model, x, layer="features.2", target=t) for x, t in zip(xs, targets)]
+    alone = [
+        camkit.explain(model, x, layer="features.2", target=t)
+        for x, t in zip(xs, targets, strict=True)
+    ]
     barrier = threading.Barrier(2)
     results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     errors: list[BaseException] = []

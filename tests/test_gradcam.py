@@ -51,8 +51,9 @@ def test_flatten_head_relu_and_normalize() -> None:
 def test_maxpool_head_by_hand() -> None:
     # y0 = 3 max(A0) - 2 max(A1): the gradient is 3 at A0's argmax, -2 at A1's, zero elsewhere
     model = MaxPoolHead(A[:1], torch.tensor([[3.0, -2.0], [1.0, 1.0]])).eval()
-    res = camkit.explain(model, torch.zeros(1, 1, 2, 2), layer="layer", target=0, relu=False,
-                         normalize=False)
+    res = camkit.explain(
+        model, torch.zeros(1, 1, 2, 2), layer="layer", target=0, relu=False, normalize=False
+    )
     assert torch.equal(res.weights, torch.tensor([[0.75, -0.5]]))
     assert torch.equal(res.raw, torch.tensor([[[1.25, 1.5], [1.25, 4.0]]]))
     assert float(res.scores[0]) == 3 * 4.0 - 2 * 2.0
@@ -65,8 +66,9 @@ def test_default_target_is_argmax() -> None:
     assert torch.equal(res.targets, logits.argmax(1))
 
 
-def _reference_gradcam(model: torch.nn.Module, x: torch.Tensor, layer: str,
-                       target: list[int]) -> torch.Tensor:
+def _reference_gradcam(
+    model: torch.nn.Module, x: torch.Tensor, layer: str, target: list[int]
+) -> torch.Tensor:
     """Float64, per-sample, full graph: eq. 1-2 of Selvaraju et al. written out directly."""
     m64 = model.double()
     module = dict(m64.named_modules())[layer]
@@ -98,8 +100,14 @@ def test_residual_net_matches_float64_reference(layer: str) -> None:
     target = [0, 1, 2]
     ref = _reference_gradcam(ResidualNet(inplace=False).eval(), x, layer, target).float()
     # the model modifies the hooked output in place (+= after batch-norm, ReLU(inplace))
-    res = camkit.explain(ResidualNet(inplace=True).eval(), x, layer=layer, target=target,
-                         normalize=False, upsample=None)
+    res = camkit.explain(
+        ResidualNet(inplace=True).eval(),
+        x,
+        layer=layer,
+        target=target,
+        normalize=False,
+        upsample=None,
+    )
     torch.testing.assert_close(res.raw, ref, rtol=1e-4, atol=1e-5)
 
 

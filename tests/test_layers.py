@@ -35,7 +35,7 @@ def test_unknown_name_lists_close_matches() -> None:
         resolve_layers(model, "layer4.1.conv3")
     msg = str(info.value)
     assert "'layer4.1.conv3'" in msg and "'layer4.1.conv2'" in msg and "camkit.layers" in msg
-    with pytest.raises(camkit.UnknownLayerError, match="features.9"):
+    with pytest.raises(camkit.UnknownLayerError, match=r"features\.9"):
         resolve_layers(TinyCNN(), "features.9")
 
 

@@ -34,10 +34,15 @@ def _method(name: str, aliases: tuple[str, ...] = (), **attrs: Any) -> camkit.Me
     cls = type(
         "M",
         (camkit.Method,),
-        {"name": name, "aliases": aliases, "citation": "c", "cost": "1 forward",
-         "needs_gradients": False,
-         "weights": lambda self, ctx: ctx.activations.new_ones(ctx.activations.shape[:2]),
-         **attrs},
+        {
+            "name": name,
+            "aliases": aliases,
+            "citation": "c",
+            "cost": "1 forward",
+            "needs_gradients": False,
+            "weights": lambda self, ctx: ctx.activations.new_ones(ctx.activations.shape[:2]),
+            **attrs,
+        },
     )
     return cls()
 
@@ -69,8 +74,9 @@ def test_third_party_distribution_end_to_end(monkeypatch: pytest.MonkeyPatch) ->
         assert plugin["distribution"] == "camkit-toy-plugin" and plugin["version"] == "0.1.0"
         model = camkit.toy.TinyCNN().eval()
         x = torch.randn(2, 3, 8, 8)
-        res = camkit.explain(model, x, method="ones", layer="features", normalize=False,
-                             upsample=None, scale=2.0)
+        res = camkit.explain(
+            model, x, method="ones", layer="features", normalize=False, upsample=None, scale=2.0
+        )
         assert res.method == "toy-ones"
         acts = model.features(x)
         torch.testing.assert_close(res.raw, 2.0 * acts.sum(1))
@@ -82,8 +88,9 @@ def test_third_party_distribution_end_to_end(monkeypatch: pytest.MonkeyPatch) ->
     "env,loaded",
     [("", False), ("camkit-toy-plugin", True), ("Camkit_Toy_Plugin, other", True), ("x", False)],
 )
-def test_load_plugins_variable(toy_dist: None, monkeypatch: pytest.MonkeyPatch, env: str,
-                               loaded: bool) -> None:
+def test_load_plugins_variable(
+    toy_dist: None, monkeypatch: pytest.MonkeyPatch, env: str, loaded: bool
+) -> None:
     monkeypatch.setenv("CAMKIT_LOAD_PLUGINS", env)
     reg = Registry()
     assert ("toy-ones" in reg.names()) is loaded
@@ -160,6 +167,5 @@ def test_list_methods_is_sorted_and_filtered() -> None:
 
 def test_method_instance_can_be_passed_directly() -> None:
     m = _method("direct")
-    res = camkit.explain(camkit.toy.TinyCNN(), torch.randn(1, 3, 8, 8), method=m,
-                         layer="features")
+    res = camkit.explain(camkit.toy.TinyCNN(), torch.randn(1, 3, 8, 8), method=m, layer="features")
     assert res.method == "direct"

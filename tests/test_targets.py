@@ -71,13 +71,13 @@ def test_target_object_and_callable_in_explain() -> None:
         def scores(self, output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             return output[:, 1] - output[:, 0]
 
-    res = camkit.explain(model, x, layer="layer", target=Difference(), relu=False,
-                         normalize=False)
+    res = camkit.explain(model, x, layer="layer", target=Difference(), relu=False, normalize=False)
     assert res.targets is None
     assert torch.equal(res.scores, torch.tensor([1.0, 1.0]))
     # gradient -1 at position (0,0,0), +1 at (0,0,1): channel 0 mean 0, channel 1 mean 0
     assert torch.equal(res.weights, torch.zeros(2, 2))
-    res2 = camkit.explain(model, x, layer="layer", target=lambda out: out[:, 2], relu=False,
-                          normalize=False)
+    res2 = camkit.explain(
+        model, x, layer="layer", target=lambda out: out[:, 2], relu=False, normalize=False
+    )
     assert torch.equal(res2.weights, torch.tensor([[0.25, 0.0], [0.25, 0.0]]))
     assert torch.equal(res2.scores, torch.tensor([2.0, 10.0]))
