@@ -136,7 +136,9 @@ def output_replaced(module: nn.Module, value: Tensor) -> Iterator[None]:
     def hook(mod: nn.Module, args: Any, output: Any) -> Any:
         if _REPLACING.get() is not owner:
             return None
-        return value.to(dtype=output.dtype) if isinstance(output, Tensor) else value
+        # a copy: later in-place operations must not write into the caller's tensor
+        dtype = output.dtype if isinstance(output, Tensor) else value.dtype
+        return value.to(dtype=dtype, copy=True)
 
     handle = module.register_forward_hook(hook)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -240,18 +241,32 @@ def explain(
         return ex(x, target=target)
 
 
-def _run(
+@dataclass
+class _Forward:
+    """What one captured forward gives: the scored output, the target and per-layer tensors."""
+
+    output: Any
+    target: Target
+    classes: Tensor | None
+    scores: Tensor  # (N,) detached
+    activations: list[Tensor]  # per layer, detached, as the layer returned them
+    gradients: list[Tensor | None]  # per layer, or None when not needed
+
+
+def _forward(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
-    kwargs: dict[str, Any],
+    kwargs: Mapping[str, Any],
     layers: list[tuple[str, nn.Module]],
-    method: Method,
-    target_spec: Any,
+    needs_gradients: bool,
     opts: Mapping[str, Any],
-) -> CamResult:
-    n = int(inputs[0].shape[0])
+    make_target: Callable[[Any], tuple[Target, Tensor | None]],
+    index: Tensor,
+) -> _Forward:
+    """One forward through a fresh capture; gradients of the scores to the layers if needed."""
     names = [name for name, _ in layers]
-    with Capture(layers, needs_gradients=method.needs_gradients) as capture:
+    m = int(inputs[0].shape[0])
+    with Capture(layers, needs_gradients=needs_gradients) as capture:
         raw_output = model(*inputs, **kwargs)
         missing = capture.missing()
         if missing:
@@ -260,15 +275,14 @@ def _run(
                 "on this input; choose layers the forward uses (camkit.layers(model, x))."
             )
         output = select_output(raw_output, opts["output"])
-        target, classes = as_target(target_spec, output, n)
-        rows = torch.arange(n, device=inputs[0].device)
-        scores = target.scores(output, rows)
-        if not isinstance(scores, Tensor) or scores.shape != (n,):
+        target, classes = make_target(output)
+        scores = target.scores(output, index)
+        if not isinstance(scores, Tensor) or scores.shape != (m,):
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise TargetError(f"the target must give one score per sample, ({n},); got {got}.")
+            raise TargetError(f"the target must give one score per sample, ({m},); got {got}.")
         acts = [capture.activations[name] for name in names]
         grads: list[Tensor | None] = [None] * len(acts)
-        if method.needs_gradients:
+        if needs_gradients:
             if not scores.requires_grad:
                 raise LayerError(
                     f"the target score does not depend on layer(s) {', '.join(names)}: no "
@@ -283,7 +297,40 @@ def _run(
                         "flows to it. Choose a layer on the path to the scored output."
                     )
             grads = list(found)
-        scores = scores.detach()
+    return _Forward(
+        output=output,
+        target=target,
+        classes=classes,
+        scores=scores.detach(),
+        activations=[a.detach() for a in acts],
+        gradients=grads,
+    )
+
+
+def _run(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    kwargs: dict[str, Any],
+    layers: list[tuple[str, nn.Module]],
+    method: Method,
+    target_spec: Any,
+    opts: Mapping[str, Any],
+) -> CamResult:
+    n = int(inputs[0].shape[0])
+    names = [name for name, _ in layers]
+    rows = torch.arange(n, device=inputs[0].device)
+    fwd = _forward(
+        model,
+        inputs,
+        kwargs,
+        layers,
+        method.needs_gradients,
+        opts,
+        lambda output: as_target(target_spec, output, n),
+        rows,
+    )
+    output, target, scores = fwd.output, fwd.target, fwd.scores
+    acts, grads = fwd.activations, fwd.gradients
 
     generator = torch.Generator(device=inputs[0].device).manual_seed(opts["seed"])
     score_fn = _scorer(model, kwargs, target, opts)
@@ -306,6 +353,7 @@ def _run(
             generator=generator,
             score=score_fn,
             run_suffix=_suffix_runner(model, inputs, kwargs, module, target, opts),
+            recapture=_recapturer(model, kwargs, (name, module), method, target, opts),
         )
         w = method.weights(ctx)
         _check_weights(method, w, activations)
@@ -330,7 +378,7 @@ def _run(
         maps=final.float(),
         raw=raws[names[0]] if single else raws,
         weights=weights_out[names[0]] if single else weights_out,
-        targets=classes,
+        targets=fwd.classes,
         scores=scores,
         layer=names[0] if single else names,
         method=method.name,
@@ -424,3 +472,42 @@ def _suffix_runner(
         return torch.cat(out)
 
     return run_suffix
+
+
+def _recapturer(
+    model: nn.Module,
+    kwargs: dict[str, Any],
+    layer: tuple[str, nn.Module],
+    method: Method,
+    target: Target,
+    opts: Mapping[str, Any],
+) -> Callable[[Any, Tensor], tuple[Tensor, Tensor | None]]:
+    """``ctx.recapture``: the layer's activations (and gradients) for new inputs, in chunks."""
+
+    def recapture(new_inputs: Any, index: Tensor) -> tuple[Tensor, Tensor | None]:
+        batch = new_inputs if isinstance(new_inputs, tuple) else (new_inputs,)
+        m = int(batch[0].shape[0])
+        if index.shape != (m,):
+            raise PluginError(
+                f"ctx.recapture got {m} input rows but an index of shape "
+                f"{tuple(index.shape)}; expected ({m},)."
+            )
+        acts, grads = [], []
+        for sl in _chunks(m, opts["batch_size"]):
+            fwd = _forward(
+                model,
+                tuple(t[sl] for t in batch),
+                kwargs,
+                [layer],
+                method.needs_gradients,
+                opts,
+                lambda output: (target, None),
+                index[sl],
+            )
+            a, g = _prepare(layer[0], fwd.activations[0], fwd.gradients[0], opts["reshape"])
+            acts.append(a)
+            if g is not None:
+                grads.append(g)
+        return torch.cat(acts), (torch.cat(grads) if grads else None)
+
+    return recapture

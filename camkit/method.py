@@ -43,6 +43,11 @@ class Context:
         run_suffix: ``run_suffix(activations, index) -> (M,)`` scores the model with the
             layer's output replaced by ``activations`` ``(M, C, *S)`` whose row ``m`` belongs to
             sample ``index[m]``, in chunks of ``options["batch_size"]``.
+        recapture: ``recapture(inputs, index) -> (activations, gradients)`` runs the capture on
+            new inputs ``(M, ...)`` whose row ``m`` comes from sample ``index[m]``: the layer's
+            activations ``(M, C, *S)`` and, for methods that need them, the gradients of the
+            target scores (``None`` otherwise), in chunks of ``options["batch_size"]``. Methods
+            that average over noisy or augmented copies use it.
     """
 
     model: nn.Module
@@ -57,6 +62,7 @@ class Context:
     generator: torch.Generator
     score: Callable[[Any, Tensor], Tensor] = field(repr=False)
     run_suffix: Callable[[Tensor, Tensor], Tensor] = field(repr=False)
+    recapture: Callable[[Any, Tensor], tuple[Tensor, Tensor | None]] = field(repr=False)
 
 
 class Method:
