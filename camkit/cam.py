@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["eigen_combine", "fuse_mean", "normalize", "upsample", "weighted_sum"]
+__all__ = [
+    "eigen_combine",
+    "fuse_mean",
+    "normalize",
+    "principal_component",
+    "upsample",
+    "weighted_sum",
+]
 
 _AUTO_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -41,34 +48,50 @@ def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
     return (weights.to(activations.dtype) * activations).sum(dim=1)
 
 
-def eigen_combine(weights: Tensor, activations: Tensor) -> Tensor:
-    """Projection of ``w * A`` on its first principal component, in place of the channel sum.
+def principal_component(values: Tensor, center: bool = True) -> Tensor:
+    """Each sample's projection on its first principal component over channels.
 
-    For each sample, the weighted activations are arranged as a ``(P, C)`` matrix over positions,
-    centred over positions and projected on their first right singular vector. The sign of a
-    singular vector is arbitrary; it is chosen so that the projection correlates positively with
-    the plain weighted sum, so maps do not flip between BLAS builds.
+    For each sample, ``values`` ``(C, *S)`` is arranged as a ``(P, C)`` matrix over positions,
+    centred over positions (unless ``center=False``) and projected on its first right singular
+    vector, giving ``(P,)``. A singular vector's sign is arbitrary; it is chosen so that the
+    projection correlates positively with the channel sum (the plain, unit-weight map), so maps
+    do not flip between BLAS builds. Batched with ``torch.linalg.svd`` on the device.
+
+    Args:
+        values: ``(N, C, *S)``.
+        center: subtract the mean over positions first (principal component analysis); ``False``
+            projects the raw matrix.
+
+    Returns:
+        ``(N, *S)``.
+    """
+    mat = values.flatten(2).transpose(1, 2)  # (N, P, C)
+    if center:
+        mat = mat - mat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(mat, full_matrices=False)
+    proj = torch.einsum("npc,nc->np", mat, vh[:, 0, :])  # (N, P)
+    plain = values.flatten(2).sum(dim=1)
+    corr = ((proj - proj.mean(1, keepdim=True)) * (plain - plain.mean(1, keepdim=True))).sum(1)
+    sign = torch.where(corr < 0, -1.0, 1.0).to(proj.dtype)
+    return (proj * sign[:, None]).reshape(values.shape[:1] + values.shape[2:])
+
+
+def eigen_combine(weights: Tensor, activations: Tensor) -> Tensor:
+    """``eigen_smooth``: the first principal component of ``w * A`` in place of the channel sum.
 
     Args:
         weights: ``(N, C)`` or ``(N, C, *S)``.
         activations: ``(N, C, *S)``.
 
     Returns:
-        ``(N, *S)``.
+        ``(N, *S)``, see :func:`principal_component`.
     """
     w = (
         weights
         if weights.ndim > 2
         else weights.reshape(weights.shape + (1,) * (activations.ndim - 2))
     )
-    weighted = (w.to(activations.dtype) * activations).flatten(2).transpose(1, 2)  # (N, P, C)
-    centred = weighted - weighted.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    proj = torch.einsum("npc,nc->np", centred, vh[:, 0, :])  # (N, P)
-    plain = weighted.sum(dim=2)
-    corr = ((proj - proj.mean(1, keepdim=True)) * (plain - plain.mean(1, keepdim=True))).sum(1)
-    sign = torch.where(corr < 0, -1.0, 1.0).to(proj.dtype)
-    return (proj * sign[:, None]).reshape(activations.shape[:1] + activations.shape[2:])
+    return principal_component(w.to(activations.dtype) * activations)
 
 
 def normalize(maps: Tensor) -> Tensor:

@@ -251,6 +251,7 @@ class _Forward:
     scores: Tensor  # (N,) detached
     activations: list[Tensor]  # per layer, detached, as the layer returned them
     gradients: list[Tensor | None]  # per layer, or None when not needed
+    order: list[str]  # layer names in the order they ran
 
 
 def _forward(
@@ -304,6 +305,7 @@ def _forward(
         scores=scores.detach(),
         activations=[a.detach() for a in acts],
         gradients=grads,
+        order=list(capture.activations),
     )
 
 
@@ -330,7 +332,13 @@ def _run(
         rows,
     )
     output, target, scores = fwd.output, fwd.target, fwd.scores
-    acts, grads = fwd.activations, fwd.gradients
+    # from here on, layers in the order they ran: fusion rules tell shallow from deep
+    ranks = {name: i for i, name in enumerate(fwd.order)}
+    order = sorted(range(len(layers)), key=lambda i: ranks[layers[i][0]])
+    layers = [layers[i] for i in order]
+    names = [names[i] for i in order]
+    acts = [fwd.activations[i] for i in order]
+    grads = [fwd.gradients[i] for i in order]
 
     generator = torch.Generator(device=inputs[0].device).manual_seed(opts["seed"])
     score_fn = _scorer(model, kwargs, target, opts)
@@ -456,6 +464,12 @@ def _suffix_runner(
     """
 
     def run_suffix(activations: Tensor, index: Tensor) -> Tensor:
+        if opts["reshape"] is not None:
+            raise OptionError(
+                "ctx.run_suffix replaces the layer's output, but with reshape=... the method "
+                "sees activations in another layout. Use this method without reshape, on a "
+                "layer whose output is already (N, C, *S)."
+            )
         m = int(activations.shape[0])
         if index.shape != (m,):
             raise PluginError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from .errors import LayerError, UnknownLayerError, did_you_mean
 
 __all__ = ["LayerInfo", "has_spatial_extent", "layers", "module_names", "resolve_layers"]
+
+_PROBING: ContextVar[object | None] = ContextVar("camkit_probing", default=None)
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module] | None
 
@@ -125,8 +128,12 @@ def probe(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, nn.Module
     names = module_names(model)
     seen: dict[nn.Module, list[Any]] = {}
     order: list[nn.Module] = []
+    owner = object()
+    token = _PROBING.set(owner)
 
     def hook(mod: nn.Module, args: Any, output: Any) -> None:
+        if _PROBING.get() is not owner:
+            return  # another thread's forward, or another probe
         rec = seen.setdefault(mod, [None, 0])
         rec[0] = output
         rec[1] += 1
@@ -134,13 +141,15 @@ def probe(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, nn.Module
             order.remove(mod)
         order.append(mod)
 
-    handles = [m.register_forward_hook(hook) for m in names]
+    handles = []
     try:
+        handles = [m.register_forward_hook(hook) for m in names]
         with torch.no_grad():
             run()
     finally:
         for h in handles:
             h.remove()
+        _PROBING.reset(token)
     return [(names[m], m, seen[m][0], seen[m][1]) for m in order]
 
 

@@ -100,22 +100,32 @@ class Registry:
             pname = self.pm.register(plugin, name=name)
             self.pm.check_pending()
         except (ValueError, pluggy.PluginValidationError) as exc:
-            if name is not None and self.pm.has_plugin(name):
-                self.pm.unregister(name=name)
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
             raise PluginError(f"plugin {name or plugin!r} is invalid: {exc}") from exc
         assert pname is not None
         self._dists[pname] = distribution
-        for impl in self.pm.hook.register_methods.get_hookimpls():
-            if impl.plugin is plugin:
-                try:
+        try:
+            for impl in self.pm.hook.register_methods.get_hookimpls():
+                if impl.plugin is plugin:
                     impl.function(register=self._registrar(pname))
-                except PluginError:
-                    raise
-                except Exception as exc:
-                    raise PluginError(
-                        f"plugin {pname!r} raised in register_methods: {type(exc).__name__}: {exc}"
-                    ) from exc
+        except Exception as exc:
+            self._forget(pname)  # all or nothing: a failed plugin leaves no trace
+            if isinstance(exc, PluginError):
+                raise
+            raise PluginError(
+                f"plugin {pname!r} raised in register_methods: {type(exc).__name__}: {exc}"
+            ) from exc
         return pname
+
+    def _forget(self, plugin_name: str) -> None:
+        keys = [k for k, owner in self._owners.items() if owner == plugin_name]
+        for key in keys:
+            self._methods.pop(key, None)
+            del self._names[key], self._owners[key]
+        self._dists.pop(plugin_name, None)
+        if self.pm.has_plugin(plugin_name):
+            self.pm.unregister(name=plugin_name)
 
     def _registrar(self, plugin_name: str) -> Callable[[Method], None]:
         def register(method: Method) -> None:
@@ -200,8 +210,7 @@ class Registry:
             "so its entry points exist."
         )
         raise UnknownMethodError(
-            f"unknown method {name!r}.{hint}{missing} List methods with "
-            "camkit.list_methods() or `camkit methods`."
+            f"unknown method {name!r}.{hint}{missing} List methods with camkit.list_methods()."
         )
 
     def names(self, filter: str = "*") -> list[str]:

@@ -78,3 +78,21 @@ def test_index_shape_mismatch_is_reported() -> None:
 
     with pytest.raises(camkit.PluginError, match=r"ctx.score got 2 input rows.*\(5,\)"):
         camkit.explain(ResidualNet().eval(), torch.randn(2, 3, 8, 8), method=Wrong(), layer="bn")
+
+
+def test_run_suffix_refuses_reshaped_activations() -> None:
+    class Suffix(Probe):
+        name = "suffix"
+
+        def weights(self, ctx: camkit.Context) -> torch.Tensor:
+            ctx.run_suffix(ctx.activations, torch.arange(ctx.activations.shape[0]))
+            raise AssertionError("unreachable")
+
+    with pytest.raises(camkit.OptionError, match=r"run_suffix.*reshape"):
+        camkit.explain(
+            ResidualNet().eval(),
+            torch.randn(1, 3, 8, 8),
+            method=Suffix(),
+            layer="bn",
+            reshape=lambda t: t,
+        )

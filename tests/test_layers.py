@@ -121,3 +121,28 @@ def test_several_layers_are_fused() -> None:
     lo = mean.flatten(1).min(1).values[:, None, None]
     hi = mean.flatten(1).max(1).values[:, None, None]
     torch.testing.assert_close(both.maps, (mean - lo) / (hi - lo))
+
+
+def test_auto_layer_search_is_thread_safe() -> None:
+    import threading
+
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 32, 32)
+    errors: list[BaseException] = []
+    found: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def work() -> None:
+        barrier.wait()
+        try:
+            for _ in range(15):
+                found.append(camkit.explain(model, x).layer)  # a fresh search every call
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and found == ["features"] * 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -45,21 +46,12 @@ def test_builtins_advertised_as_entry_points() -> None:
 
 
 def test_wheel_contents(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-    )
+    # build from a copy: an in-tree build leaves camkit.egg-info behind, whose stale entry
+    # points would shadow the installed ones for anything run from the repository root
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "site", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*pip, "-w", str(tmp_path), str(src)], check=True)
     (wheel,) = tmp_path.glob("camkit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "camkit/py.typed" in names and "camkit_plugins/gradcam.py" in names

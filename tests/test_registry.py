@@ -162,10 +162,25 @@ def test_list_methods_is_sorted_and_filtered() -> None:
     assert reg.names() == ["alpha", "alpha-two", "zeta"]
     assert reg.names("alpha*") == ["alpha", "alpha-two"]
     assert reg.names("*two") == ["alpha-two"]
-    assert camkit.list_methods("grad*") == ["gradcam"]
+    assert camkit.list_methods("grad*") == ["gradcam", "gradcam-elementwise", "gradcampp"]
 
 
 def test_method_instance_can_be_passed_directly() -> None:
     m = _method("direct")
     res = camkit.explain(camkit.toy.TinyCNN(), torch.randn(1, 3, 8, 8), method=m, layer="features")
     assert res.method == "direct"
+
+
+def test_failed_plugin_leaves_no_trace() -> None:
+    class HalfWay:
+        @camkit.hookimpl
+        def register_methods(self, register: camkit.Register) -> None:
+            register(_method("kept-if-buggy"))
+            raise RuntimeError("failed after one registration")
+
+    reg = Registry(load_entrypoints=False)
+    with pytest.raises(camkit.PluginError, match="'half' raised in register_methods"):
+        reg.register_plugin(HalfWay(), name="half")
+    assert reg.names() == [] and reg.plugins() == []
+    reg.register_plugin(Plugin(_method("kept-if-buggy")), name="again")  # the name is free
+    assert reg.names() == ["kept-if-buggy"]
