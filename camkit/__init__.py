@@ -13,6 +13,7 @@ from .errors import (
     CamkitWarning,
     InputError,
     LayerError,
+    ModelError,
     OptionError,
     PluginError,
     TargetError,
@@ -20,6 +21,7 @@ from .errors import (
     UnknownMethodError,
 )
 from .explain import Explainer, explain
+from .guided import guided_backprop, guided_gradcam
 from .hookspecs import hookimpl
 from .layers import LayerInfo, layers
 from .method import Context, Method
@@ -46,6 +48,7 @@ __all__ = [
     "LayerError",
     "LayerInfo",
     "Method",
+    "ModelError",
     "OptionError",
     "PluginError",
     "Register",
@@ -57,6 +60,8 @@ __all__ = [
     "__version__",
     "default_registry",
     "explain",
+    "guided_backprop",
+    "guided_gradcam",
     "hookimpl",
     "layers",
     "list_methods",

@@ -14,6 +14,7 @@ __all__ = [
     "CamkitWarning",
     "InputError",
     "LayerError",
+    "ModelError",
     "OptionError",
     "PluginError",
     "TargetError",
@@ -43,6 +44,10 @@ class UnknownLayerError(LayerError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ModelError(CamkitError):
+    """The model does not support what was asked of it (no guided rule, no CAM head)."""
 
 
 class OptionError(CamkitError, TypeError):

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import OptionError, did_you_mean
 
-__all__ = ["COMMON_OPTIONS", "UPSAMPLE_MODES", "resolve_options"]
+__all__ = ["AUGMENTATIONS", "COMMON_OPTIONS", "UPSAMPLE_MODES", "resolve_options"]
 
 #: Options shared by every method, with their defaults.
 COMMON_OPTIONS: Mapping[str, Any] = {
@@ -28,6 +28,9 @@ COMMON_OPTIONS: Mapping[str, Any] = {
     "model_kwargs": None,
 }
 
+#: Test-time augmentations ``aug_smooth`` can name; ``True`` means all of them.
+AUGMENTATIONS = ("hflip", "scale")
+
 #: Interpolation modes ``upsample`` accepts besides ``"auto"`` and ``None``.
 UPSAMPLE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area")
 
@@ -40,8 +43,16 @@ def _check_bool(name: str, value: Any) -> None:
 
 
 def _check_common(opts: Mapping[str, Any]) -> None:
-    for name in ("relu", "normalize", "aug_smooth", "eigen_smooth"):
+    for name in ("relu", "normalize", "eigen_smooth"):
         _check_bool(name, opts[name])
+    aug = opts["aug_smooth"]
+    if not isinstance(aug, bool) and not (
+        isinstance(aug, (tuple, list)) and aug and all(a in AUGMENTATIONS for a in aug)
+    ):
+        raise OptionError(
+            "option 'aug_smooth' expects True, False or a non-empty sequence of "
+            f"{', '.join(map(repr, AUGMENTATIONS))}; got {aug!r}."
+        )
     up = opts["upsample"]
     if up is not None and up != "auto" and up not in UPSAMPLE_MODES:
         raise OptionError(
@@ -73,11 +84,6 @@ def _check_common(opts: Mapping[str, Any]) -> None:
         raise OptionError(
             "option 'output' expects an index, a key or a callable choosing the model output "
             f"to score; got {type(out).__name__}."
-        )
-    if opts["aug_smooth"]:
-        raise OptionError(
-            "option 'aug_smooth=True' is not available in this release of camkit; "
-            "leave it False (test-time augmentation is planned)."
         )
 
 
