@@ -21,13 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from . import cam
-from .capture import Capture, hooks_paused, output_replaced
+from .capture import Capture, hooks_paused
 from .errors import InputError, LayerError, OptionError, PluginError, TargetError
 from .layers import LayerSpec, default_layer, has_spatial_extent, probe, resolve_layers
 from .method import Context, Method
 from .options import resolve_options
 from .registry import Registry, default_registry
 from .result import CamResult
+from .suffix import SuffixRunner
 from .targets import Target, as_target
 
 __all__ = ["Explainer", "explain"]
@@ -124,7 +125,7 @@ class Explainer:
         **options: options shared by every method (``relu``, ``normalize``, ``upsample``,
             ``batch_size``, ...; see the options table) and the method's own.
 
-    Example:
+    Examples:
         >>> with camkit.Explainer(model, layer="layer4", method="gradcam") as ex:
         ...     res = ex(x, target=[281, 282])
     """
@@ -362,7 +363,7 @@ def _run(
             options=opts,
             generator=generator,
             score=score_fn,
-            run_suffix=_suffix_runner(model, inputs, kwargs, module, target, opts),
+            run_suffix=_suffix_runner(model, inputs, kwargs, (name, module), act, target, opts),
             recapture=_recapturer(model, kwargs, (name, module), method, target, opts),
         )
         w = method.weights(ctx)
@@ -454,38 +455,39 @@ def _suffix_runner(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
     kwargs: dict[str, Any],
-    module: nn.Module,
+    layer: tuple[str, nn.Module],
+    activations: Tensor,
     target: Target,
     opts: Mapping[str, Any],
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """``ctx.run_suffix``: score the model with the layer's output replaced, in chunks.
+    """``ctx.run_suffix``: scores with the layer's output replaced (see :mod:`camkit.suffix`)."""
+    runner: SuffixRunner | None = None
 
-    This version re-runs the model on the samples ``inputs[index]`` and substitutes the layer's
-    output, which is exact for any model (a residual that crosses the layer still sees the
-    sample's own prefix values).
-    """
-
-    def run_suffix(activations: Tensor, index: Tensor) -> Tensor:
+    def run_suffix(replacement: Tensor, index: Tensor) -> Tensor:
+        nonlocal runner
         if opts["reshape"] is not None:
             raise OptionError(
                 "ctx.run_suffix replaces the layer's output, but with reshape=... the method "
                 "sees activations in another layout. Use this method without reshape, on a "
                 "layer whose output is already (N, C, *S)."
             )
-        m = int(activations.shape[0])
+        m = int(replacement.shape[0])
         if index.shape != (m,):
             raise PluginError(
                 f"ctx.run_suffix got {m} activation rows but an index of shape "
                 f"{tuple(index.shape)}; expected ({m},)."
             )
-        out = []
-        rows_all = index.to(inputs[0].device)
-        with hooks_paused(), torch.no_grad():
-            for sl in _chunks(m, opts["batch_size"]):
-                with output_replaced(module, activations[sl]):
-                    o = model(*(t[rows_all[sl]] for t in inputs), **kwargs)
-                out.append(target.scores(select_output(o, opts["output"]), index[sl]).detach())
-        return torch.cat(out)
+        if runner is None:
+            runner = SuffixRunner(
+                model,
+                inputs,
+                kwargs,
+                layer,
+                activations,
+                lambda o, idx: target.scores(select_output(o, opts["output"]), idx),
+                opts["batch_size"],
+            )
+        return runner(replacement, index)
 
     return run_suffix
 

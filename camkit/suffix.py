@@ -1,0 +1,295 @@
+"""``ctx.run_suffix``: re-run only the part of the model after the target layer.
+
+Perturbation methods score the model on many modified copies of one layer's activations. Running
+the whole model per copy repeats the part before the layer (the prefix), which at a late layer is
+almost all the work. camkit runs the prefix once:
+
+1. **Record.** One forward of the batch records the output of every *maximal prefix call*: each
+   module call that finished before the layer started and whose caller is still running then
+   (``conv1``, ``layer1`` ... ``layer3`` for ``layer4`` of a ResNet). The same forward, with the
+   layer's output replaced for one copy, gives that copy's exact score.
+2. **Replay.** For each chunk of copies, the model's forward runs again with those calls answered
+   from the record (rows gathered per copy, so a residual crossing the cut still sees its own
+   sample's values) and the layer answered with the copies; only the code after the layer
+   computes. Module calls are answered by temporarily overriding ``forward`` on those module
+   instances, with a dispatch that acts only for this thread's replay.
+3. **Check.** The replayed score of the recorded copy must equal its exact score. If it does
+   not, or the replay raises (the forward keeps tensors or batch sizes from before the layer,
+   random layers, train-mode batch-norm), the call warns and falls back to full re-runs, which
+   are exact for any model. A silently wrong map is never returned.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .capture import hooks_paused, output_replaced
+from .errors import CamkitWarning
+
+__all__ = ["SuffixRunner"]
+
+_REPLAY: ContextVar[_Replay | None] = ContextVar("camkit_replay", default=None)
+_RECORDING: ContextVar[object | None] = ContextVar("camkit_recording", default=None)
+_PATCH_LOCK = threading.Lock()
+_PATCHED: dict[nn.Module, tuple[Any, int]] = {}  # module -> (its own forward attribute, users)
+_MISSING = object()
+
+
+class _Replay:
+    """What one replay answers: recorded calls per module, and the layer's replacement."""
+
+    def __init__(
+        self,
+        recorded: dict[nn.Module, list[Any]],
+        layer: nn.Module,
+        n: int,
+        rows: Tensor,
+        replacement: Tensor,
+        views: bool,
+    ) -> None:
+        self.recorded, self.layer, self.n, self.views = recorded, layer, n, views
+        self.rows, self.replacement = rows, replacement
+        self.calls: dict[nn.Module, int] = {}
+        single = bool((rows == rows[0]).all())
+        self.single = int(rows[0]) if single else None
+
+    def answer(self, module: nn.Module) -> Any:
+        if module is self.layer:
+            return self.replacement.clone()
+        k = self.calls.get(module, 0)
+        self.calls[module] = k + 1
+        outs = self.recorded.get(module, [])
+        return self.rows_of(outs[k]) if k < len(outs) else _MISSING
+
+    def rows_of(self, out: Any) -> Any:
+        """The replayed rows of a recorded value (tensors with ``n`` rows; structure kept)."""
+        if isinstance(out, Tensor):
+            if out.ndim == 0 or out.shape[0] != self.n:
+                return out
+            m = int(self.rows.shape[0])
+            if self.single is not None and (m == 1 or self.views):
+                # copies of one sample: a broadcast view costs nothing when the value is not
+                # used (the layer's own input); writing into it in place raises, and the
+                # chunk is then replayed with gathered rows
+                one = out[self.single : self.single + 1]
+                return one.clone() if m == 1 else one.expand(m, *out.shape[1:])
+            return out[self.rows]
+        if isinstance(out, tuple):
+            return tuple(self.rows_of(o) for o in out)
+        if isinstance(out, list):
+            return [self.rows_of(o) for o in out]
+        if isinstance(out, dict):
+            return {k: self.rows_of(v) for k, v in out.items()}
+        return out
+
+
+def _dispatch(module: nn.Module, own: Any) -> Callable[..., Any]:
+    original = own if own is not _MISSING else type(module).forward.__get__(module)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        replay = _REPLAY.get()
+        if replay is not None:
+            out = replay.answer(module)
+            if out is not _MISSING:
+                return out
+        return original(*args, **kwargs)
+
+    return forward
+
+
+@contextmanager
+def _patched(modules: list[nn.Module]) -> Iterator[None]:
+    """Route ``forward`` of ``modules`` through the replay dispatch (shared, reference-counted)."""
+    done: list[nn.Module] = []
+    try:
+        with _PATCH_LOCK:
+            for m in modules:
+                own, users = _PATCHED.get(m, (_MISSING, 0))
+                if users == 0:
+                    own = m.__dict__.get("forward", _MISSING)
+                    m.forward = _dispatch(m, own)
+                _PATCHED[m] = (own, users + 1)
+                done.append(m)
+        yield
+    finally:
+        with _PATCH_LOCK:
+            for m in done:
+                own, users = _PATCHED[m]
+                if users == 1:
+                    del _PATCHED[m]
+                    if own is _MISSING:
+                        del m.forward
+                    else:
+                        m.forward = own
+                else:
+                    _PATCHED[m] = (own, users - 1)
+
+
+def _record(
+    model: nn.Module, layer: nn.Module, run: Callable[[], Any]
+) -> dict[nn.Module, list[Any]]:
+    """Run ``run()`` once and return the outputs of the maximal prefix calls, per module."""
+    owner = object()
+    stack: list[tuple[nn.Module, int]] = []
+    counts: dict[nn.Module, int] = {}
+    finished: list[tuple[nn.Module, Any, tuple[nn.Module, int] | None]] = []
+    state: dict[str, Any] = {"ancestors": None}
+
+    def pre(m: nn.Module, args: Any) -> None:
+        if _RECORDING.get() is not owner or state["ancestors"] is not None:
+            return
+        if m is layer:
+            state["ancestors"] = set(stack)
+            return
+        counts[m] = counts.get(m, 0) + 1
+        stack.append((m, counts[m]))
+
+    def post(m: nn.Module, args: Any, out: Any) -> None:
+        if _RECORDING.get() is not owner or state["ancestors"] is not None:
+            return
+        stack.pop()
+        finished.append((m, out, stack[-1] if stack else None))
+
+    token = _RECORDING.set(owner)
+    handles = []
+    try:
+        for m in model.modules():
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+        _RECORDING.reset(token)
+    ancestors = state["ancestors"] or set()
+    recorded: dict[nn.Module, list[Any]] = {}
+    for m, out, parent in finished:
+        if parent in ancestors:
+            recorded.setdefault(m, []).append(out)
+    return recorded
+
+
+class SuffixRunner:
+    """Scores of the model with the layer's output replaced; the prefix runs once per call.
+
+    Args:
+        model: the model.
+        inputs: the batch, ``N`` rows.
+        kwargs: the model's keyword arguments.
+        layer: the target module.
+        activations: ``(N, C, *S)`` the layer's output on ``inputs``.
+        score: ``score(output, index) -> (M,)``: selects the output and applies the target.
+        batch_size: rows per replay.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: tuple[Tensor, ...],
+        kwargs: dict[str, Any],
+        layer: tuple[str, nn.Module],
+        activations: Tensor,
+        score: Callable[[Any, Tensor], Tensor],
+        batch_size: int,
+    ) -> None:
+        self.model, self.inputs, self.kwargs = model, inputs, kwargs
+        self.name, self.layer = layer
+        self.activations, self.score, self.batch_size = activations, score, batch_size
+        self.recorded: dict[nn.Module, list[Any]] | None = None
+        self.fast: bool | None = None  # None until checked
+        self.views = True  # broadcast views of recorded values for copies of one sample
+        self.fallback_reason = ""
+
+    def __call__(self, activations: Tensor, index: Tensor) -> Tensor:
+        index = index.to(self.inputs[0].device)
+        with hooks_paused(), torch.no_grad():
+            if self.fast is None:
+                self._check(activations[0], index[0])
+            out = []
+            for start in range(0, int(index.shape[0]), self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                if self.fast:
+                    try:
+                        out.append(self._replay_chunk(activations[sl], index[sl]))
+                        continue
+                    except Exception as exc:  # not valid for this model after all
+                        self._fall_back(f"it raised {type(exc).__name__}: {exc}")
+                out.append(self._full(activations[sl], index[sl]))
+        return torch.cat(out)
+
+    def _full(self, activations: Tensor, rows: Tensor) -> Tensor:
+        """Exact for any model: the whole forward on the copies' own samples."""
+        with output_replaced(self.layer, activations):
+            o = self.model(*(t[rows] for t in self.inputs), **self.kwargs)
+        return self.score(o, rows).detach()
+
+    def _replay_chunk(self, activations: Tensor, rows: Tensor) -> Tensor:
+        if self.views:
+            try:
+                return self._replay(activations, rows)
+            except RuntimeError as exc:
+                if "single memory location" not in str(exc):
+                    raise
+                self.views = False  # the forward writes in place into a recorded value
+        return self._replay(activations, rows)
+
+    def _replay(self, activations: Tensor, rows: Tensor) -> Tensor:
+        assert self.recorded is not None
+        n = int(self.inputs[0].shape[0])
+        replay = _Replay(self.recorded, self.layer, n, rows, activations, self.views)
+        batch = tuple(replay.rows_of(t) for t in self.inputs)
+        token = _REPLAY.set(replay)
+        try:
+            with _patched([*self.recorded, self.layer]):
+                o = self.model(*batch, **self.kwargs)
+        finally:
+            _REPLAY.reset(token)
+        return self.score(o, rows).detach()
+
+    def _check(self, copy: Tensor, row: Tensor) -> None:
+        """Record the prefix and the exact score of one copy; replay that copy and compare."""
+        replacement = self.activations.clone()
+        replacement[int(row)] = copy
+        outputs: list[Any] = []
+
+        def run() -> None:
+            with output_replaced(self.layer, replacement):
+                outputs.append(self.model(*self.inputs, **self.kwargs))
+
+        self.recorded = _record(self.model, self.layer, run)
+        n = int(self.inputs[0].shape[0])
+        exact = self.score(outputs[0], torch.arange(n, device=row.device))[int(row)].reshape(1)
+        rows = row.reshape(1)
+        try:
+            fast = self._replay(copy.unsqueeze(0), rows)
+            tol = 1e-4 * max(1.0, float(exact.abs().max()))
+            same = bool(torch.isfinite(fast).all()) and float((fast - exact).abs().max()) <= tol
+            reason = (
+                f"its result differs from a full forward ({float(fast[0]):.6g} vs "
+                f"{float(exact[0]):.6g})"
+            )
+        except Exception as exc:  # any failure of the replay means: not valid for this model
+            same, reason = False, f"it raised {type(exc).__name__}: {exc}"
+        self.fast = same
+        if not same:
+            self._fall_back(reason)
+
+    def _fall_back(self, reason: str) -> None:
+        self.fast = False
+        self.fallback_reason = reason
+        warnings.warn(
+            f"run_suffix: the part of the model after layer {self.name!r} cannot be re-run "
+            f"on its own ({reason}); the model's forward keeps something from before the "
+            "layer besides its output (or is random, or in train mode). Falling back to "
+            "full re-runs, which are exact but slower.",
+            CamkitWarning,
+            stacklevel=5,
+        )

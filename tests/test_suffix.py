@@ -1,0 +1,156 @@
+"""run_suffix: the prefix runs once, the replay is checked, and the fallback is exact."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from helpers import ResidualNet, assert_unchanged, hook_count, snapshot
+from torch import nn
+
+import camkit
+
+
+class Ablate(camkit.Method):
+    """Scores every single-channel ablation through run_suffix and through full re-runs."""
+
+    name = "ablate-probe"
+    citation = "test"
+    cost = "test"
+    needs_gradients = False
+    seen: ClassVar[dict[str, Any]] = {}
+
+    def weights(self, ctx: camkit.Context) -> torch.Tensor:
+        a = ctx.activations
+        n, c = a.shape[:2]
+        k = min(c, 6)  # the first six channels keep the reference loop fast
+        index = torch.arange(n).repeat_interleave(k)
+        copies = a[index].clone()
+        copies[torch.arange(n * k), torch.arange(k).repeat(n)] = 0  # zero channel j of copy j
+        seen = type(self).seen
+        seen["suffix"] = ctx.run_suffix(copies, index)
+        # the reference: the whole model per copy, the layer's output replaced
+        from camkit.capture import hooks_paused, output_replaced
+
+        module = dict(ctx.model.named_modules())[ctx.layer]
+        full = []
+        with hooks_paused(), torch.no_grad():
+            for j in range(n * k):
+                with output_replaced(module, copies[j : j + 1]):
+                    out = ctx.model(*(t[index[j] : index[j] + 1] for t in ctx.inputs))
+                full.append(ctx.target.scores(out, index[j : j + 1]))
+        seen["full"] = torch.cat(full)
+        return a.new_ones(n, c)
+
+
+def _run(model: nn.Module, x: torch.Tensor, layer: str, **options: Any) -> dict[str, Any]:
+    Ablate.seen.clear()
+    camkit.explain(model, x, method=Ablate(), layer=layer, target=[0] * x.shape[0], **options)
+    return Ablate.seen
+
+
+@pytest.mark.parametrize("layer", ["bn", "conv", "relu"])
+@pytest.mark.parametrize("batch_size", [64, 5])
+def test_replay_equals_full_reruns_with_inplace_and_residuals(layer: str, batch_size: int) -> None:
+    model = ResidualNet().eval()  # `out += shortcut` in place, ReLU(inplace), functional ops
+    before = snapshot(model)
+    seen = _run(model, torch.randn(3, 3, 8, 8), layer, batch_size=batch_size)
+    torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-5, atol=1e-5)
+    assert_unchanged(before, model)
+    assert hook_count(model) == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_resnet_block_cut_inside_a_residual_block() -> None:
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(weights=None, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    # layer4.0.conv1: the block's shortcut (downsample of the block input) crosses the cut
+    for layer in ("layer4", "layer4.0.conv1"):
+        seen = _run(model, x, layer)
+        torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-4, atol=1e-5)
+
+
+class Keeper(nn.Module):
+    """Stores a statistic of the whole batch as a side effect, used after the layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.saved = x.mean((1, 2, 3))
+        return x
+
+
+class SideEffect(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.keep = Keeper()
+        self.layer = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.layer(self.keep(self.conv(x)))
+        return self.fc(a.mean((2, 3))) + self.keep.saved[:, None]
+
+
+def test_prefix_side_effect_falls_back_with_a_warning() -> None:
+    torch.manual_seed(0)
+    model = SideEffect().eval()
+    with pytest.warns(camkit.CamkitWarning, match="Falling back to full re-runs"):
+        seen = _run(model, torch.randn(3, 3, 6, 6), "layer")
+    torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-5, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_train_mode_batchnorm_after_the_layer_falls_back() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)
+    )
+    model(torch.randn(2, 3, 8, 8))  # materialise the lazy layer
+    model.train()
+    before = snapshot(model)
+    with pytest.warns(camkit.CamkitWarning, match="Falling back"):
+        seen = _run(model, torch.randn(3, 3, 8, 8), "1")
+    assert seen["suffix"].shape == seen["full"].shape
+    assert_unchanged(before, model)  # running statistics restored
+
+
+def test_concurrent_replays_on_one_model() -> None:
+    model = ResidualNet().eval()
+    xs = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    class Quiet(Ablate):
+        def weights(self, ctx: camkit.Context) -> torch.Tensor:
+            index = torch.arange(ctx.activations.shape[0]).repeat_interleave(8)
+            copies = ctx.activations[index].clone()
+            copies[torch.arange(len(index)), torch.arange(8).repeat(len(xs[0]))] = 0
+            results[ctx.options["seed"]].append(ctx.run_suffix(copies, index))
+            return ctx.activations.new_ones(ctx.activations.shape[:2])
+
+    for i in range(2):
+        camkit.explain(model, xs[i], method=Quiet(), layer="bn", target=[0, 0], seed=i)
+    alone = [results[0].pop(), results[1].pop()]
+
+    def work(i: int) -> None:
+        barrier.wait()
+        try:
+            for _ in range(10):
+                camkit.explain(model, xs[i], method=Quiet(), layer="bn", target=[0, 0], seed=i)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        for r in results[i]:
+            torch.testing.assert_close(r, alone[i], rtol=1e-5, atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in model.modules())
