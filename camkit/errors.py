@@ -47,7 +47,7 @@ class UnknownLayerError(LayerError, KeyError):
 
 
 class ModelError(CamkitError):
-    """The model does not support what was asked of it (no guided rule, no CAM head)."""
+    """The model does not support what was asked of it (an activation without a guided rule)."""
 
 
 class OptionError(CamkitError, TypeError):

@@ -10,9 +10,12 @@ Selvaraju et al. (2017), section 3.2: Guided Grad-CAM multiplies that input grad
 upsampled Grad-CAM map, element-wise.
 
 The rule is applied to every ReLU the forward calls (``nn.ReLU`` modules, in place or not,
-``F.relu``, ``torch.relu``, ``Tensor.relu``; ``nn.ReLU6``/``hardtanh`` with the same rule on its
-linear range) through a ``TorchFunctionMode`` active for this call in this thread only: the model
-is never modified. Activations that have no guided rule (GELU, SiLU, ...) are an error.
+``F.relu``, ``torch.relu``, ``Tensor.relu``; ``nn.ReLU6`` and ``hardtanh`` with ``min_val=0``
+with the same rule on their linear range) through a ``TorchFunctionMode`` active for this call
+in this thread only: the model is never modified. The activations GELU, SiLU, ELU, SELU, CELU,
+LeakyReLU, PReLU, Mish, Hardswish and Softplus have no guided rule and are an error; other
+functions (sigmoid and tanh gates, ``hardtanh`` with other bounds, ``clamp``) pass gradients
+unchanged, as in plain backpropagation.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .explain import _buffers_kept, _check_inputs, explain, select_output
 from .layers import LayerSpec
+from .method import Method
 from .targets import as_target
 
 __all__ = ["guided_backprop", "guided_gradcam"]
@@ -115,9 +119,12 @@ def guided_backprop(
     Returns:
         ``(N, C_in, *S)`` signed input gradients under the guided ReLU rule.
     """
-    inputs = _check_inputs(x)
     if not isinstance(model, nn.Module):
-        raise ModelError(f"model expects a torch.nn.Module; got {type(model).__name__}.")
+        raise InputError(
+            f"model expects a torch.nn.Module; got {type(model).__name__}. Pass the model "
+            "object, not its output or state_dict."
+        )
+    inputs = _check_inputs(x)
     first = inputs[0].detach().requires_grad_(True)
     n = int(first.shape[0])
     with _buffers_kept(model), torch.enable_grad(), _GuidedMode():
@@ -133,7 +140,7 @@ def guided_gradcam(
     x: Any,
     layer: LayerSpec = None,
     target: Any = None,
-    method: str = "gradcam",
+    method: str | Method = "gradcam",
     **options: Any,
 ) -> Tensor:
     """Guided Grad-CAM: guided backpropagation times the upsampled CAM, ``(N, C_in, *S)``.

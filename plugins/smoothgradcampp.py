@@ -12,7 +12,9 @@ Grad-CAM++ (Chattopadhay et al. 2018, eq. 19) with each power of the gradient av
     \\qquad \\alpha_{ij} = \\frac{D_2}{2 D_2 + \\sum_{ab} A_{ab} D_3}, \\qquad
     w_k = \\sum_{ij} \\alpha_{ij} \\, \\mathrm{ReLU}(D_1)
 
-with ``epsilon ~ N(0, sigma^2)``, ``sigma = noise * (max x - min x)`` per sample. All ``N * n``
+with ``epsilon ~ N(0, sigma^2)``, ``sigma = noise * (max x - min x)`` per sample; the ``n`` noise
+draws are shared by the samples of a batch, so a sample's map does not depend on its batch. All
+``N * n``
 copies go through batched forwards (``batch_size`` rows at a time), not a loop per copy. ``A``
 is the activation of the clean input, as is the map. The noise is drawn from the call's seeded
 generator: the same seed gives the same map. The denominator is kept stable as in Grad-CAM++.
@@ -41,7 +43,7 @@ class SmoothGradCAMPlusPlus(camkit.Method):
     )
     needs_gradients = True
     class_discriminative = True
-    cost = "n_samples forwards + n_samples backwards from the layer, batched"
+    cost = "1 + n_samples forwards and backwards from the layer, batched"
     options = {"n_samples": 8, "noise": 0.15}
 
     def check_options(self, options: Mapping[str, Any]) -> None:
@@ -60,9 +62,10 @@ class SmoothGradCAMPlusPlus(camkit.Method):
         index = torch.arange(n, device=x.device).repeat_interleave(copies)
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape((-1,) + (1,) * (x.ndim - 1))
         sigma = (ctx.options["noise"] * span)[index]
+        # one set of noise draws, scaled per sample: a sample's map does not depend on the batch
         noise = torch.randn(
-            (n * copies, *x.shape[1:]), generator=ctx.generator, device=x.device, dtype=x.dtype
-        )
+            (copies, *x.shape[1:]), generator=ctx.generator, device=x.device, dtype=x.dtype
+        ).repeat(n, *([1] * (x.ndim - 1)))
         noisy = (x[index] + sigma * noise, *(t[index] for t in ctx.inputs[1:]))
         _, grads = ctx.recapture(noisy, index)
         assert grads is not None
