@@ -38,6 +38,28 @@ class fresh_registry:  # noqa: N801 - used like a function: `with fresh_registry
         set_default_registry(self._old)
 
 
+class _CheckNet(TinyCNN):
+    """TinyCNN whose head (1x1 conv, ReLU, global max-pool, linear) makes the gradient at
+    ``features`` vary across positions and inputs, so batch-dependence shows."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__(dims=dims, seed=dims)
+        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dims]
+        pool = {
+            1: torch.nn.AdaptiveMaxPool1d,
+            2: torch.nn.AdaptiveMaxPool2d,
+            3: torch.nn.AdaptiveMaxPool3d,
+        }[dims]
+        gen = torch.Generator().manual_seed(10 + dims)
+        mix = conv(16, 16, 1)
+        with torch.no_grad():
+            for p in mix.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        self.head = torch.nn.Sequential(
+            mix, torch.nn.ReLU(), pool(1), torch.nn.Flatten(), self.head[2]
+        )
+
+
 def _fail(method: Method, what: str) -> AssertionError:
     return AssertionError(f"method {method.name!r} ({type(method).__name__}): {what}")
 
@@ -71,13 +93,17 @@ def check_method(
 
     Args:
         method: an instance or a registered name.
-        model_factory: ``dims -> model`` for ``(N, 3, *S)`` inputs (default: :class:`TinyCNN`).
+        model_factory: ``dims -> model`` for ``(N, 3, *S)`` inputs, with a layer named
+            ``features`` giving 16 channels at half the input size (rounded up) and at least 3
+            classes. The default is a :class:`~camkit.toy.TinyCNN` with a non-linear head, so
+            gradients vary across positions; methods that need a particular head (CAM needs
+            global average pooling and a linear layer) pass ``TinyCNN`` itself.
         device: where to run.
         **options: options for the method.
     """
     m = default_registry().get(method) if isinstance(method, str) else method
     _check_attributes(m)
-    make = model_factory or (lambda dims: TinyCNN(dims=dims, seed=dims))
+    make = model_factory or _CheckNet
     gen = torch.Generator().manual_seed(1)
     sizes = {1: (32,), 2: (12, 16), 3: (6, 8, 8)}
     for dims, spatial in sizes.items():
