@@ -375,15 +375,15 @@ def _run(
         m = raw
         if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
             m = cam.upsample(m, spatial, opts["upsample"])
-        # normalised after upsampling, so that every map spans exactly [0, 1]
-        maps.append(cam.normalize(m) if opts["normalize"] else m)
+        maps.append(m)
     if len(maps) > 1:
         size = max((tuple(m.shape[1:]) for m in maps), key=math.prod)
         maps = [cam.upsample(m, size, "auto") for m in maps]
-        fused = method.fuse(maps, opts)
-        final = cam.normalize(fused) if opts["normalize"] else fused
+        final = method.fuse(maps, opts)
     else:
         final = maps[0]
+    # normalised after upsampling (and fusion), so that every map spans exactly [0, 1]
+    final = cam.normalize(final) if opts["normalize"] else final
     single = len(names) == 1
     return CamResult(
         maps=final.float(),
@@ -430,10 +430,11 @@ def _check_weights(method: Method, w: Any, activations: Tensor) -> None:
 
 def _scorer(
     model: nn.Module, kwargs: dict[str, Any], target: Target, opts: Mapping[str, Any]
-) -> Callable[[Any, Tensor], Tensor]:
+) -> Callable[..., Tensor]:
     """``ctx.score``: re-score new inputs in chunks, hooks off, no gradients."""
 
-    def score(new_inputs: Any, index: Tensor) -> Tensor:
+    def score(new_inputs: Any, index: Tensor, other: Target | None = None) -> Tensor:
+        scorer = target if other is None else other
         batch = new_inputs if isinstance(new_inputs, tuple) else (new_inputs,)
         m = int(batch[0].shape[0])
         if index.shape != (m,):
@@ -445,7 +446,7 @@ def _scorer(
         with hooks_paused(), torch.no_grad():
             for sl in _chunks(m, opts["batch_size"]):
                 o = select_output(model(*(t[sl] for t in batch), **kwargs), opts["output"])
-                out.append(target.scores(o, index[sl]).detach())
+                out.append(scorer.scores(o, index[sl]).detach())
         return torch.cat(out)
 
     return score

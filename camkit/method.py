@@ -37,9 +37,10 @@ class Context:
         target: the target; ``target.scores(output, index)`` scores any rows.
         options: every option of the call, common and the method's own, with values.
         generator: a ``torch.Generator`` on the inputs' device seeded with ``options["seed"]``.
-        score: ``score(inputs, index) -> (M,)`` re-scores new inputs ``(M, ...)`` (a tensor or a
-            tuple like ``inputs``) whose row ``m`` comes from sample ``index[m]``; the capture
-            hooks are off, no gradients, in chunks of ``options["batch_size"]``.
+        score: ``score(inputs, index, target=None) -> (M,)`` re-scores new inputs ``(M, ...)``
+            (a tensor or a tuple like ``inputs``) whose row ``m`` comes from sample
+            ``index[m]``, with the call's target or the one given; the capture hooks are off,
+            no gradients, in chunks of ``options["batch_size"]``.
         run_suffix: ``run_suffix(activations, index) -> (M,)`` scores the model with the
             layer's output replaced by ``activations`` ``(M, C, *S)`` whose row ``m`` belongs to
             sample ``index[m]``, in chunks of ``options["batch_size"]``.
@@ -60,7 +61,7 @@ class Context:
     target: Target
     options: Mapping[str, Any]
     generator: torch.Generator
-    score: Callable[[Any, Tensor], Tensor] = field(repr=False)
+    score: Callable[..., Tensor] = field(repr=False)
     run_suffix: Callable[[Tensor, Tensor], Tensor] = field(repr=False)
     recapture: Callable[[Any, Tensor], tuple[Tensor, Tensor | None]] = field(repr=False)
 
@@ -101,7 +102,11 @@ class Method:
         return cam.weighted_sum(weights, ctx.activations)
 
     def fuse(self, maps: Sequence[Tensor], options: Mapping[str, Any]) -> Tensor:
-        """Fuse normalised, upsampled maps of several layers, each ``(N, *S)``: their mean."""
+        """Fuse the maps of several layers, upsampled to one size, each ``(N, *S)``, in the
+        order the layers ran: the mean of the maps, each min-max normalised first when
+        ``options["normalize"]``. The core normalises the result again."""
+        if options["normalize"]:
+            maps = [cam.normalize(m) for m in maps]
         return cam.fuse_mean(maps)
 
     def __repr__(self) -> str:

@@ -17,7 +17,9 @@ Departure from the paper: the paper assumes non-negative activations (post-ReLU)
 denominator ``g^2 (2 + sum A * g)`` is positive wherever ``g > 0``. With signed activations
 (transformer tokens, batch-norm outputs) it can vanish or change sign and ``alpha`` explodes.
 camkit uses ``max(sum_ab A_ab, 0)`` in the denominator, which equals the paper whenever its
-assumption holds and keeps ``alpha`` in ``(0, 1/2]`` otherwise.
+assumption holds and keeps ``alpha`` in ``(0, 1/2]`` otherwise. With averaged gradient powers
+(Smooth Grad-CAM++) the denominator ``2 D_2 + sum A * D_3`` can still be zero or negative where
+``D_3 < 0``; there ``alpha`` is set to 0 rather than taking an unbounded or negative value.
 """
 
 from __future__ import annotations

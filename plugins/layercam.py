@@ -11,8 +11,9 @@ gradient,
 
 Several layers (eq. 7 and section III-C) are fused by scaling the maps of the shallower layers
 with ``tanh(gamma * M / max M)`` (``gamma = 2``) and taking the element-wise maximum with the
-deepest layer's map. camkit fuses after upsampling each map to the input size; the deepest layer
-is the one that runs last in the forward.
+deepest layer's map (min-max normalised, under ``normalize``). The shallow maps are scaled from
+their raw values, as the equation says. camkit fuses after upsampling each map to the input size;
+the deepest layer is the one that runs last in the forward.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 import camkit
+from camkit.cam import normalize
 
 
 class LayerCAM(camkit.Method):
@@ -50,7 +52,7 @@ class LayerCAM(camkit.Method):
 
     def fuse(self, maps: Sequence[torch.Tensor], options: Mapping[str, Any]) -> torch.Tensor:
         *shallow, deepest = maps
-        fused = deepest
+        fused = normalize(deepest) if options["normalize"] else deepest
         for m in shallow:
             peak = m.flatten(1).amax(dim=1).reshape((-1,) + (1,) * (m.ndim - 1))
             safe = torch.where(peak > 0, peak, torch.ones_like(peak))

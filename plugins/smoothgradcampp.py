@@ -17,7 +17,10 @@ draws are shared by the samples of a batch, so a sample's map does not depend on
 ``N * n``
 copies go through batched forwards (``batch_size`` rows at a time), not a loop per copy. ``A``
 is the activation of the clean input, as is the map. The noise is drawn from the call's seeded
-generator: the same seed gives the same map. The denominator is kept stable as in Grad-CAM++.
+generator: the same seed gives the same map. The denominator is kept stable as in Grad-CAM++:
+``max(sum A, 0)``, and ``alpha = 0`` where ``2 D_2 + sum A * D_3 <= 0`` (possible only when the
+noisy gradients' cube averages below zero, ``D_3 < 0``), instead of an unbounded or negative
+pixel weight.
 """
 
 from __future__ import annotations

@@ -121,3 +121,70 @@ def assert_unchanged(before: dict[str, Any], model: nn.Module) -> None:
 def hook_count(model: nn.Module) -> int:
     """Hooks of every kind on every module of ``model``."""
     return sum(sum(counts) for _, *counts in snapshot(model)["hooks"])
+
+
+class GapHead(nn.Module):
+    """layer -> global average pool -> linear, the head CAM needs; ``decoy`` is a second
+    ``nn.Linear`` with the same input size, registered first, that is not the classifier."""
+
+    def __init__(self, activations: Tensor, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.layer = Fixed(activations)
+        self.decoy = nn.Linear(weight.shape[1], weight.shape[0])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.decoy.weight.copy_(weight + 1)
+            self.decoy.bias.copy_(bias)
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.layer(x)).flatten(1))
+
+
+class SquareHead(nn.Module):
+    """layer (the input itself) -> square -> flatten -> linear.
+
+    The score is ``sum W[c] * A**2``, so the gradient ``2 W[c] * A`` follows the input: noisy
+    copies of a sample get different gradients (Smooth Grad-CAM++), and every row is computed on
+    its own, so batches of copies give bit-identical gradients.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.layer = nn.Identity()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.layer(x)
+        return self.fc((a * a).flatten(1))
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+
+class TwoLayerHead(nn.Module):
+    """shallow (known A) -> deep (2 A) -> flatten -> linear: two layers on one path with known
+    activations and gradients (``W[c]`` at ``deep``, ``2 W[c]`` at ``shallow``)."""
+
+    def __init__(self, activations: Tensor, weight: Tensor) -> None:
+        super().__init__()
+        self.shallow = Fixed(activations)
+        self.deep = Scale(2.0)
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.deep(self.shallow(x)).flatten(1))

@@ -1,0 +1,250 @@
+"""Score-CAM, SS-CAM and IS-CAM: channel weights from the scores of masked inputs.
+
+Score-CAM. Wang, Wang, Du, Yang, Zhang, Ding, Mardziel & Hu (2020), "Score-CAM: Score-Weighted
+Visual Explanations for Convolutional Neural Networks", CVPR workshops. Each activation map is
+upsampled to the input size and min-max normalised to a mask ``M_k`` in [0, 1]; the input
+masked by it is scored, and the weights are the softmax over channels of those scores
+(Algorithm 1, as the widely used implementations compute it):
+
+.. math:: w_k = \\mathrm{softmax}_k\\big(f^c(X \\odot M_k)\\big)
+
+The official code's variant weighs each channel by the masked input's softmax probability of
+the target class instead: ``weights="probability"`` (for class targets).
+
+SS-CAM. Wang, Naidu et al. (2020), "SS-CAM: Smoothed Score-CAM for Sharper Visual Feature
+Localization", arXiv:2006.14255. Each score is averaged over ``n_samples`` masks with Gaussian
+noise, ``f^c(X ⊙ (M_k + ε_t))`` with ``ε_t ~ N(0, std²)`` (the paper's choice);
+``noise_on="input"`` puts the noise on the input instead, ``f^c((X + ε_t) ⊙ M_k)``.
+
+IS-CAM. Naidu, Ghosh, Maurya, Nayak & Kundu (2020), "IS-CAM: Integrated Score-CAM for
+axiomatic-based explanations", arXiv:2010.03023. Each score is integrated along the path from
+the zero mask to the full mask, ``(1/n) Σ_{i=1..n} f^c(X ⊙ (i/n) M_k)``; deterministic.
+
+Cost model: ``C`` masked forwards for Score-CAM, ``n_samples * C`` for SS-CAM and IS-CAM, each
+scored through ``ctx.score`` in chunks of ``batch_size``; masks are built chunk by chunk on the
+device (never ``N * C`` masked inputs at once). Channels whose normalised mask is all zero (a
+constant activation map) share one score, that of the zero-masked input (with the same noise
+draw for SS-CAM: the noise of draw ``t`` is shared by every channel), computed once and counted
+for each of them in the softmax, so skipping them is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import camkit
+from camkit.cam import upsample
+from camkit.progress import bar
+from camkit.targets import ClassTarget
+
+
+def masks_of(activations: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Upsampled activation maps, each min-max normalised to [0, 1] (constant maps to zeros).
+
+    Args:
+        activations: ``(K, *S)`` some channels of one sample.
+        size: the input's spatial size.
+
+    Returns:
+        ``(K, *size)``.
+    """
+    up = upsample(activations, size, "auto")
+    flat = up.flatten(1)
+    shape = (-1,) + (1,) * len(size)
+    lo = flat.min(dim=1).values.reshape(shape)
+    span = flat.max(dim=1).values.reshape(shape) - lo
+    return torch.where(span > 0, (up - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+class _MaskScore(camkit.Method):
+    """Shared engine: subclasses give the masked inputs of each draw (``_draws``)."""
+
+    needs_gradients = False
+    class_discriminative = True
+
+    def _draws(self, ctx: camkit.Context) -> list[Callable[[Tensor, Tensor], Tensor]]:
+        """For each draw, ``(x (1, C_in, *S), masks (K, 1, *S)) -> (K, C_in, *S)``; a channel's
+        score is the mean over draws."""
+        raise NotImplementedError
+
+    def weights(self, ctx: camkit.Context) -> torch.Tensor:
+        a = ctx.activations
+        x, rest = ctx.inputs[0], ctx.inputs[1:]
+        n, c = a.shape[:2]
+        size = tuple(x.shape[2:])
+        if a.ndim - 2 != len(size):
+            raise camkit.LayerError(
+                f"{self.name} multiplies upsampled activation maps into the input, so the layer "
+                f"needs the input's spatial rank: layer output {tuple(a.shape)}, input "
+                f"{tuple(x.shape)}."
+            )
+        probability = ctx.options.get("weights") == "probability"
+        target = _probability_target(ctx) if probability else None
+        draws = self._draws(ctx)
+        chunk = ctx.options["batch_size"]
+        flat = a.flatten(2)
+        # a constant map (all zeros after ReLU, typically) upsamples to a constant, whose
+        # normalised mask is all zero: those channels share the zero-masked input's score
+        constant = flat.amax(dim=2) == flat.amin(dim=2)  # (N, C)
+        scores = torch.zeros(n, c, dtype=torch.float64, device=a.device)
+        with bar(n * c * len(draws), self.name, ctx.options) as progress:
+            for i in range(n):
+                live = (~constant[i]).nonzero().flatten()
+                dead = constant[i].nonzero().flatten()
+                rows = torch.cat([live, dead[:1]])  # the last row stands for every dead one
+                index = torch.full((chunk,), i, dtype=torch.long, device=a.device)
+                for make in draws:
+                    total = torch.empty(len(rows), dtype=torch.float64, device=a.device)
+                    for start in range(0, len(rows), chunk):
+                        ks = rows[start : start + chunk]
+                        masks = masks_of(a[i, ks], size)
+                        masked = make(x[i : i + 1], masks.unsqueeze(1).to(x.dtype))
+                        idx = index[: len(ks)]
+                        batch = (masked, *(t[idx] for t in rest))
+                        total[start : start + len(ks)] = ctx.score(batch, idx, target).double()
+                    scores[i, live] += total[: len(live)]
+                    if dead.numel():
+                        scores[i, dead] += total[-1]
+                    progress.update(c)
+        scores /= len(draws)
+        if probability:
+            return scores.to(a.dtype)
+        return torch.softmax(scores, dim=1).to(a.dtype)
+
+
+def _probability_target(ctx: camkit.Context) -> Any:
+    """The target class's softmax probability, for ``weights="probability"``."""
+    if not isinstance(ctx.target, ClassTarget):
+        raise camkit.TargetError(
+            "weights='probability' needs class targets (None, an int or one class per "
+            f"sample); got a {type(ctx.target).__name__}. Use weights='softmax'."
+        )
+    classes = ctx.target.classes
+
+    class Probability:
+        def scores(self, output: Any, index: Tensor) -> Tensor:
+            logits = output if isinstance(output, Tensor) else output.logits
+            p = F.softmax(logits.float(), dim=1)
+            return p[torch.arange(p.shape[0], device=p.device), classes.to(p.device)[index]]
+
+    return Probability()
+
+
+def _scaled_mask(s: float) -> Callable[[Tensor, Tensor], Tensor]:
+    def make(x: Tensor, masks: Tensor) -> Tensor:
+        return x * (s * masks) if s != 1.0 else x * masks
+
+    return make
+
+
+def _noisy_mask(eps: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    def make(x: Tensor, masks: Tensor) -> Tensor:
+        return x * (masks + eps)
+
+    return make
+
+
+def _noisy_input(eps: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    def make(x: Tensor, masks: Tensor) -> Tensor:
+        return (x + eps) * masks
+
+    return make
+
+
+def _check_weights_option(options: Mapping[str, Any]) -> None:
+    if options["weights"] not in ("softmax", "probability"):
+        raise camkit.OptionError(
+            f"option 'weights' expects 'softmax' or 'probability', got {options['weights']!r}."
+        )
+
+
+def _check_samples(options: Mapping[str, Any]) -> None:
+    n = options["n_samples"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise camkit.OptionError(f"option 'n_samples' expects a positive int, got {n!r}.")
+
+
+class ScoreCAM(_MaskScore):
+    """Score-CAM channel weights: softmax over channels of masked-input scores, ``(N, C)``."""
+
+    name = "scorecam"
+    aliases = ("score-cam",)
+    citation = (
+        "Wang et al. 2020, Score-CAM: Score-Weighted Visual Explanations for Convolutional "
+        "Neural Networks (CVPR workshops)"
+    )
+    cost = "1 forward + C masked forwards (all-zero masks share one)"
+    options = {"weights": "softmax"}
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        _check_weights_option(options)
+
+    def _draws(self, ctx: camkit.Context) -> list[Callable[[Tensor, Tensor], Tensor]]:
+        return [_scaled_mask(1.0)]
+
+
+class SSCAM(_MaskScore):
+    """SS-CAM: Score-CAM with each score averaged over noisy masks, ``(N, C)``."""
+
+    name = "sscam"
+    aliases = ("ss-cam",)
+    citation = (
+        "Wang, Naidu et al. 2020, SS-CAM: Smoothed Score-CAM for Sharper Visual Feature "
+        "Localization (arXiv:2006.14255)"
+    )
+    cost = "1 forward + n_samples * C masked forwards"
+    options = {"n_samples": 35, "std": 2.0, "noise_on": "mask", "weights": "softmax"}
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        _check_weights_option(options)
+        _check_samples(options)
+        std = options["std"]
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
+            raise camkit.OptionError(f"option 'std' expects a non-negative number, got {std!r}.")
+        if options["noise_on"] not in ("mask", "input"):
+            raise camkit.OptionError(
+                f"option 'noise_on' expects 'mask' or 'input', got {options['noise_on']!r}."
+            )
+
+    def _draws(self, ctx: camkit.Context) -> list[Callable[[Tensor, Tensor], Tensor]]:
+        x = ctx.inputs[0]
+        std, on = float(ctx.options["std"]), ctx.options["noise_on"]
+        shape = (1, *x.shape[2:]) if on == "mask" else tuple(x.shape[1:])
+        draws = []
+        for _ in range(ctx.options["n_samples"]):
+            eps = torch.randn(shape, generator=ctx.generator, device=x.device, dtype=x.dtype) * std
+            draws.append(_noisy_mask(eps) if on == "mask" else _noisy_input(eps))
+        return draws
+
+
+class ISCAM(_MaskScore):
+    """IS-CAM: Score-CAM with each score integrated over mask scales ``i/n``, ``(N, C)``."""
+
+    name = "iscam"
+    aliases = ("is-cam",)
+    citation = (
+        "Naidu et al. 2020, IS-CAM: Integrated Score-CAM for axiomatic-based explanations "
+        "(arXiv:2010.03023)"
+    )
+    cost = "1 forward + n_samples * C masked forwards"
+    options = {"n_samples": 10, "weights": "softmax"}
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        _check_weights_option(options)
+        _check_samples(options)
+
+    def _draws(self, ctx: camkit.Context) -> list[Callable[[Tensor, Tensor], Tensor]]:
+        n = ctx.options["n_samples"]
+        return [_scaled_mask(i / n) for i in range(1, n + 1)]
+
+
+@camkit.hookimpl
+def register_methods(register: camkit.Register) -> None:
+    register(ScoreCAM())
+    register(SSCAM())
+    register(ISCAM())
