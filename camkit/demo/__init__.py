@@ -1,0 +1,1 @@
+"""The built-in demo: a small CNN trained on generated scenes, explained by every method."""
