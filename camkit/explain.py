@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from . import cam
 from .capture import Capture, hooks_paused
 from .errors import InputError, LayerError, OptionError, PluginError, TargetError
-from .layers import LayerSpec, default_layer, has_spatial_extent, probe, resolve_layers
+from .layers import LayerSpec, cached_default_layer, has_spatial_extent, resolve_layers
 from .method import Context, Method
 from .options import resolve_options
 from .registry import Registry, default_registry
@@ -53,7 +54,12 @@ def _check_inputs(x: Any) -> tuple[Tensor, ...]:
             f"x is an empty batch, shape {tuple(first.shape)}; pass at least one sample."
         )
     for i, t in enumerate(inputs):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        # the sum is non-finite whenever an element is (or it overflows): the full check then
+        if (
+            t.is_floating_point()
+            and not bool(torch.isfinite(t.sum()))
+            and not bool(torch.isfinite(t).all())
+        ):
             raise InputError(
                 f"input {i} holds NaN or infinite values; expected finite numbers. Check the "
                 "preprocessing (division by a zero std, an unreadable image)."
@@ -118,8 +124,8 @@ class Explainer:
     Args:
         model: the model (any ``nn.Module``).
         layer: target layer(s): a dotted name, a module, a list of those, or ``None`` for the
-            last spatial layer (found by one extra no-grad forward on the first call, then
-            remembered per input shape).
+            last spatial layer (found by one extra no-grad forward the first time a model sees
+            an input shape, then remembered for that model).
         method: a method name (see :func:`camkit.list_methods`) or a :class:`camkit.Method`.
         registry: the registry to look names up in (default: the process-wide one).
         **options: options shared by every method (``relu``, ``normalize``, ``upsample``,
@@ -152,7 +158,6 @@ class Explainer:
         self.layer = layer
         if layer is not None:
             resolve_layers(model, layer)  # fail early on unknown names
-        self._auto_layers: dict[Any, str] = {}
 
     def __enter__(self) -> Explainer:
         return self
@@ -168,7 +173,6 @@ class Explainer:
     def close(self) -> None:
         """Drop the reference to the model; the explainer cannot be called afterwards."""
         self.model = None
-        self._auto_layers.clear()
 
     # -- one call --------------------------------------------------------------------------
     def __call__(self, x: Any, target: Any = None, **options: Any) -> CamResult:
@@ -209,13 +213,12 @@ class Explainer:
     ) -> list[tuple[str, nn.Module]]:
         if self.layer is not None:
             return resolve_layers(model, self.layer)
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
-        name = self._auto_layers.get(key)
-        if name is None:
-            with _buffers_kept(model):
-                records = probe(model, lambda: model(*inputs, **kwargs))
-            name = default_layer(records)[0]
-            self._auto_layers[key] = name
+        key = (
+            tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
+            tuple(sorted(kwargs)),
+        )
+        with _buffers_kept(model):
+            name = cached_default_layer(model, key, lambda: model(*inputs, **kwargs))
         return resolve_layers(model, name)
 
 
@@ -343,47 +346,56 @@ def _run(
     acts = [fwd.activations[i] for i in order]
     grads = [fwd.gradients[i] for i in order]
 
-    generator = torch.Generator(device=inputs[0].device).manual_seed(opts["seed"])
-    score_fn = _scorer(model, kwargs, target, opts)
-    spatial = tuple(inputs[0].shape[2:])
-    maps: list[Tensor] = []
-    raws: dict[str, Tensor] = {}
-    weights_out: dict[str, Tensor] = {}
-    for (name, module), act, grad in zip(layers, acts, grads, strict=True):
-        activations, gradients = _prepare(name, act, grad, opts["reshape"])
-        ctx = Context(
-            model=model,
-            inputs=inputs,
-            output=output,
-            layer=name,
-            activations=activations,
-            gradients=gradients,
-            scores=scores,
-            target=target,
-            options=opts,
-            generator=generator,
-            score=score_fn,
-            run_suffix=_suffix_runner(model, inputs, kwargs, (name, module), act, target, opts),
-            recapture=_recapturer(model, kwargs, (name, module), method, target, opts),
-        )
-        w = method.weights(ctx)
-        _check_weights(method, w, activations)
-        raw = method.combine(ctx, w).detach()
-        if opts["relu"]:
-            raw = raw.clamp_min(0)
-        raws[name], weights_out[name] = raw, w.detach()
-        m = raw
-        if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
-            m = cam.upsample(m, spatial, opts["upsample"])
-        maps.append(m)
-    if len(maps) > 1:
-        size = max((tuple(m.shape[1:]) for m in maps), key=math.prod)
-        maps = [cam.upsample(m, size, "auto") for m in maps]
-        final = method.fuse(maps, opts)
-    else:
-        final = maps[0]
-    # normalised after upsampling (and fusion), so that every map spans exactly [0, 1]
-    final = cam.normalize(final) if opts["normalize"] else final
+    # weights, sums and resampling in full precision even under the caller's autocast; the
+    # model runs that methods ask for (ctx.score, ...) get the caller's autocast back
+    device_type = inputs[0].device.type
+    caller_autocast = _autocast_state(device_type)
+    with torch.autocast(device_type=device_type, enabled=False):
+        generator = torch.Generator(device=inputs[0].device).manual_seed(opts["seed"])
+        score_fn = _scorer(model, kwargs, target, opts)
+        spatial = tuple(inputs[0].shape[2:])
+        maps: list[Tensor] = []
+        raws: dict[str, Tensor] = {}
+        weights_out: dict[str, Tensor] = {}
+        for (name, module), act, grad in zip(layers, acts, grads, strict=True):
+            activations, gradients = _prepare(name, act, grad, opts["reshape"])
+            ctx = Context(
+                model=model,
+                inputs=inputs,
+                output=output,
+                layer=name,
+                activations=activations,
+                gradients=gradients,
+                scores=scores,
+                target=target,
+                options=opts,
+                generator=generator,
+                score=score_fn,
+                run_suffix=_suffix_runner(
+                    model, inputs, kwargs, (name, module), act, target, opts, caller_autocast
+                ),
+                recapture=_recapturer(
+                    model, kwargs, (name, module), method, target, opts, caller_autocast
+                ),
+            )
+            w = method.weights(ctx)
+            _check_weights(method, w, activations)
+            raw = method.combine(ctx, w).detach()
+            if opts["relu"]:
+                raw = raw.clamp_min(0)
+            raws[name], weights_out[name] = raw, w.detach()
+            m = raw
+            if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
+                m = cam.upsample(m, spatial, opts["upsample"])
+            maps.append(m)
+        if len(maps) > 1:
+            size = max((tuple(m.shape[1:]) for m in maps), key=math.prod)
+            maps = [cam.upsample(m, size, "auto") for m in maps]
+            final = method.fuse(maps, opts)
+        else:
+            final = maps[0]
+        # normalised after upsampling (and fusion), so that every map spans exactly [0, 1]
+        final = cam.normalize(final) if opts["normalize"] else final
     single = len(names) == 1
     return CamResult(
         maps=final.float(),
@@ -428,8 +440,19 @@ def _check_weights(method: Method, w: Any, activations: Tensor) -> None:
         )
 
 
+def _autocast_state(device_type: str) -> Callable[[], Any]:
+    """A factory of autocast contexts restoring the caller's current autocast settings."""
+    enabled = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type)
+    return lambda: torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
+
+
 def _scorer(
-    model: nn.Module, kwargs: dict[str, Any], target: Target, opts: Mapping[str, Any]
+    model: nn.Module,
+    kwargs: dict[str, Any],
+    target: Target,
+    opts: Mapping[str, Any],
+    autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> Callable[..., Tensor]:
     """``ctx.score``: re-score new inputs in chunks, hooks off, no gradients."""
 
@@ -443,7 +466,7 @@ def _scorer(
                 f"expected ({m},)."
             )
         out = []
-        with hooks_paused(), torch.no_grad():
+        with hooks_paused(), torch.no_grad(), autocast():
             for sl in _chunks(m, opts["batch_size"]):
                 o = select_output(model(*(t[sl] for t in batch), **kwargs), opts["output"])
                 out.append(scorer.scores(o, index[sl]).detach())
@@ -460,6 +483,7 @@ def _suffix_runner(
     activations: Tensor,
     target: Target,
     opts: Mapping[str, Any],
+    autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """``ctx.run_suffix``: scores with the layer's output replaced (see :mod:`camkit.suffix`)."""
     runner: SuffixRunner | None = None
@@ -488,7 +512,8 @@ def _suffix_runner(
                 lambda o, idx: target.scores(select_output(o, opts["output"]), idx),
                 opts["batch_size"],
             )
-        return runner(replacement, index)
+        with autocast():
+            return runner(replacement, index)
 
     return run_suffix
 
@@ -500,6 +525,7 @@ def _recapturer(
     method: Method,
     target: Target,
     opts: Mapping[str, Any],
+    autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> Callable[[Any, Tensor], tuple[Tensor, Tensor | None]]:
     """``ctx.recapture``: the layer's activations (and gradients) for new inputs, in chunks."""
 
@@ -513,16 +539,17 @@ def _recapturer(
             )
         acts, grads = [], []
         for sl in _chunks(m, opts["batch_size"]):
-            fwd = _forward(
-                model,
-                tuple(t[sl] for t in batch),
-                kwargs,
-                [layer],
-                method.needs_gradients,
-                opts,
-                lambda output: (target, None),
-                index[sl],
-            )
+            with autocast():
+                fwd = _forward(
+                    model,
+                    tuple(t[sl] for t in batch),
+                    kwargs,
+                    [layer],
+                    method.needs_gradients,
+                    opts,
+                    lambda output: (target, None),
+                    index[sl],
+                )
             a, g = _prepare(layer[0], fwd.activations[0], fwd.gradients[0], opts["reshape"])
             acts.append(a)
             if g is not None:

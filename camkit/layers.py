@@ -10,6 +10,8 @@ runs once per forward; among modules returning that very tensor it takes the out
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -118,28 +120,37 @@ def resolve_layers(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Modu
     return out
 
 
-def probe(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, nn.Module, Any, int]]:
+@dataclass(frozen=True)
+class _Seen:
+    name: str
+    module: nn.Module
+    shape: tuple[int, ...] | None
+    spatial: bool
+    calls: int
+
+
+def probe(model: nn.Module, run: Callable[[], Any]) -> list[_Seen]:
     """Run ``run()`` (one forward) with hooks on every module, without gradients.
 
+    Only shapes are kept, never the outputs themselves, so the forward frees its intermediate
+    tensors as inference does.
+
     Returns:
-        ``(name, module, output, calls)`` for each module that ran, in the order they finished
-        (their last call).
+        One record per module that ran, in the order they finished (their last call).
     """
     names = module_names(model)
     seen: dict[nn.Module, list[Any]] = {}
-    order: list[nn.Module] = []
     owner = object()
     token = _PROBING.set(owner)
 
     def hook(mod: nn.Module, args: Any, output: Any) -> None:
         if _PROBING.get() is not owner:
             return  # another thread's forward, or another probe
-        rec = seen.setdefault(mod, [None, 0])
-        rec[0] = output
-        rec[1] += 1
-        if mod in order:
-            order.remove(mod)
-        order.append(mod)
+        rec = seen.pop(mod, [None, False, 0])  # re-inserted: dict order is finishing order
+        rec[0] = tuple(output.shape) if isinstance(output, Tensor) else None
+        rec[1] = has_spatial_extent(output)
+        rec[2] += 1
+        seen[mod] = rec
 
     handles = []
     try:
@@ -150,21 +161,43 @@ def probe(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, nn.Module
         for h in handles:
             h.remove()
         _PROBING.reset(token)
-    return [(names[m], m, seen[m][0], seen[m][1]) for m in order]
+    return [
+        _Seen(names[m], m, shape, spatial, calls) for m, (shape, spatial, calls) in seen.items()
+    ]
 
 
-def default_layer(records: list[tuple[str, nn.Module, Any, int]]) -> tuple[str, nn.Module]:
+def default_layer(records: list[_Seen]) -> tuple[str, nn.Module]:
     """The layer ``None`` stands for, from :func:`probe` records (see module docstring)."""
     # walking back from the end, the first usable module is also the outermost one returning
     # that tensor: a parent finishes after the child whose output it returns
-    for name, mod, out, calls in reversed(records):
-        if calls == 1 and has_spatial_extent(out) and name != "":
-            return name, mod
+    for r in reversed(records):
+        if r.calls == 1 and r.spatial and r.name != "":
+            return r.name, r.module
     raise LayerError(
         "found no layer to explain: no module that runs once per forward has an output of "
         "shape (N, C, *S) with more than one spatial position. Pass layer=... explicitly "
         "(camkit.layers(model, x) lists them) and, for token outputs, reshape=... ."
     )
+
+
+_DEFAULTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, str]] = weakref.WeakKeyDictionary()
+_DEFAULTS_LOCK = threading.Lock()
+
+
+def cached_default_layer(model: nn.Module, key: Any, run: Callable[[], Any]) -> str:
+    """The default layer's name for ``model`` on inputs described by ``key``, found once.
+
+    The search costs one no-grad forward; its result is remembered per model (weakly: the
+    cache does not keep the model alive) and input signature.
+    """
+    with _DEFAULTS_LOCK:
+        name = _DEFAULTS.get(model, {}).get(key)
+    if name is not None:
+        return name
+    name = default_layer(probe(model, run))[0]
+    with _DEFAULTS_LOCK:
+        _DEFAULTS.setdefault(model, {})[key] = name
+    return name
 
 
 def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
@@ -182,11 +215,11 @@ def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
     records = probe(model, lambda: model(*inputs, **model_kwargs))
     return [
         LayerInfo(
-            name=name,
-            type=type(mod).__name__,
-            shape=tuple(out.shape) if isinstance(out, Tensor) else None,
-            calls=calls,
-            candidate=calls == 1 and has_spatial_extent(out) and name != "",
+            name=r.name,
+            type=type(r.module).__name__,
+            shape=r.shape,
+            calls=r.calls,
+            candidate=r.calls == 1 and r.spatial and r.name != "",
         )
-        for name, mod, out, calls in records
+        for r in records
     ]

@@ -88,3 +88,16 @@ def test_bfloat16_model_gives_float32_maps() -> None:
     model = TinyCNN().eval().to(torch.bfloat16)
     res = camkit.explain(model, torch.randn(1, 3, 12, 12, dtype=torch.bfloat16), target=0)
     assert res.maps.dtype == torch.float32 and res.raw.dtype == torch.float32
+
+
+def test_autocast_does_not_lower_the_precision_of_maps() -> None:
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 12, 12)
+    ref = camkit.explain(model, x, target=[0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = camkit.explain(model, x, target=[0, 1])
+        assert torch.is_autocast_enabled("cpu")  # the caller's autocast is left on
+    assert res.raw.dtype == torch.float32 and res.weights.dtype == torch.float32
+    assert res.maps.dtype == torch.float32
+    corr = torch.corrcoef(torch.stack([res.maps.flatten(), ref.maps.flatten()]))[0, 1]
+    assert corr > 0.99  # the forward ran in bfloat16, the sums in float32

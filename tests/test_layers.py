@@ -94,16 +94,27 @@ def test_layers_lists_candidates_with_shapes() -> None:
     assert [i.name for i in infos if i.candidate][-1] == "layer4"
 
 
-def test_explainer_remembers_the_auto_layer_per_shape() -> None:
+def test_the_auto_layer_is_remembered_per_model_and_shape() -> None:
     calls = {"n": 0}
     model = TinyCNN()
     model.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
     ex = camkit.Explainer(model)
     ex(torch.randn(1, 3, 16, 16))
     ex(torch.randn(1, 3, 16, 16))
-    assert calls["n"] == 3  # one probe forward, then one forward per call
+    assert calls["n"] == 3  # one search forward, then one forward per call
+    camkit.explain(model, torch.randn(1, 3, 16, 16))  # a new explainer: still remembered
+    assert calls["n"] == 4
     ex(torch.randn(1, 3, 20, 20))
-    assert calls["n"] == 5
+    assert calls["n"] == 6
+
+
+def test_the_search_keeps_no_intermediate_tensor() -> None:
+    from camkit.layers import probe
+
+    model = TinyCNN()
+    records = probe(model, lambda: model(torch.randn(2, 3, 8, 8)))
+    assert all(not isinstance(v, torch.Tensor) for r in records for v in vars(r).values())
+    assert [r.name for r in records][-1] == "" and records[-1].shape == (2, 5)
 
 
 def test_several_layers_are_fused() -> None:
@@ -127,7 +138,6 @@ def test_auto_layer_search_is_thread_safe() -> None:
     import threading
 
     model = TinyCNN().eval()
-    x = torch.randn(2, 3, 32, 32)
     errors: list[BaseException] = []
     found: list[str] = []
     barrier = threading.Barrier(2)
@@ -135,12 +145,13 @@ def test_auto_layer_search_is_thread_safe() -> None:
     def work() -> None:
         barrier.wait()
         try:
-            for _ in range(15):
-                found.append(camkit.explain(model, x).layer)  # a fresh search every call
+            for i in range(15):  # a new input size each time: a fresh search every call
+                size = 16 + 2 * i + 40 * int(threading.current_thread().name[-1] == "1")
+                found.append(camkit.explain(model, torch.randn(2, 3, size, size)).layer)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
+    threads = [threading.Thread(target=work, name=f"searcher-{i}") for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
