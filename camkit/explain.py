@@ -25,6 +25,7 @@ from . import cam
 from .capture import Capture, hooks_paused
 from .errors import InputError, LayerError, OptionError, PluginError, TargetError
 from .layers import LayerSpec, cached_default_layer, has_spatial_extent, resolve_layers
+from .layout import Layout, layout_or_error
 from .method import Context, Method
 from .options import resolve_options
 from .registry import Registry, default_registry
@@ -218,7 +219,13 @@ class Explainer:
             tuple(sorted(kwargs)),
         )
         with _buffers_kept(model):
-            name = cached_default_layer(model, key, lambda: model(*inputs, **kwargs))
+            name = cached_default_layer(
+                model,
+                key,
+                lambda: model(*inputs, **kwargs),
+                tuple(inputs[0].shape[2:]),
+                int(inputs[0].shape[0]),
+            )
         return resolve_layers(model, name)
 
 
@@ -358,7 +365,8 @@ def _run(
         raws: dict[str, Tensor] = {}
         weights_out: dict[str, Tensor] = {}
         for (name, module), act, grad in zip(layers, acts, grads, strict=True):
-            activations, gradients = _prepare(name, act, grad, opts["reshape"])
+            layout = _layout(name, act, opts["reshape"], spatial)
+            activations, gradients = _prepare(name, act, grad, opts["reshape"], layout)
             ctx = Context(
                 model=model,
                 inputs=inputs,
@@ -372,7 +380,15 @@ def _run(
                 generator=generator,
                 score=score_fn,
                 run_suffix=_suffix_runner(
-                    model, inputs, kwargs, (name, module), act, target, opts, caller_autocast
+                    model,
+                    inputs,
+                    kwargs,
+                    (name, module),
+                    act,
+                    layout,
+                    target,
+                    opts,
+                    caller_autocast,
                 ),
                 recapture=_recapturer(
                     model, kwargs, (name, module), method, target, opts, caller_autocast
@@ -408,19 +424,40 @@ def _run(
     )
 
 
+def _layout(name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...]) -> Layout | None:
+    """The layer's layout, or ``None`` when the caller's ``reshape`` takes its place."""
+    if reshape is not None:
+        return None
+    if a.ndim < 3:
+        _no_extent(name, a)
+    return layout_or_error(name, tuple(a.shape), input_spatial, int(a.shape[0]))
+
+
+def _no_extent(name: str, a: Tensor) -> None:
+    raise LayerError(
+        f"layer {name!r} gives an output of shape {tuple(a.shape)}, which has no spatial "
+        "extent to map: expected (N, C, *S) with more than one position. Choose an earlier "
+        "layer (before global pooling or flattening), or pass reshape=... for token outputs."
+    )
+
+
 def _prepare(
-    name: str, a: Tensor, g: Tensor | None, reshape: Callable[[Tensor], Tensor] | None
+    name: str,
+    a: Tensor,
+    g: Tensor | None,
+    reshape: Callable[[Tensor], Tensor] | None,
+    layout: Layout | None,
 ) -> tuple[Tensor, Tensor | None]:
+    """Activations and gradients as ``(N, C, *S)``, float32 for half-precision layers."""
     a = a.detach()
     if reshape is not None:
         a = reshape(a)
         g = reshape(g) if g is not None else None
+    elif layout is not None:
+        a = layout.to_maps(a)
+        g = layout.to_maps(g) if g is not None else None
     if not has_spatial_extent(a):
-        raise LayerError(
-            f"layer {name!r} gives an output of shape {tuple(a.shape)}, which has no spatial "
-            "extent to map: expected (N, C, *S) with more than one position. Choose an earlier "
-            "layer (before global pooling or flattening), or pass reshape=... for token outputs."
-        )
+        _no_extent(name, a)
     if a.dtype in (torch.float16, torch.bfloat16):  # weights and sums in float32
         a = a.float()
         g = g.float() if g is not None else None
@@ -481,6 +518,7 @@ def _suffix_runner(
     kwargs: dict[str, Any],
     layer: tuple[str, nn.Module],
     activations: Tensor,
+    layout: Layout | None,
     target: Target,
     opts: Mapping[str, Any],
     autocast: Callable[[], Any] = contextlib.nullcontext,
@@ -490,11 +528,12 @@ def _suffix_runner(
 
     def run_suffix(replacement: Tensor, index: Tensor) -> Tensor:
         nonlocal runner
-        if opts["reshape"] is not None:
+        if layout is None:
             raise OptionError(
-                "ctx.run_suffix replaces the layer's output, but with reshape=... the method "
-                "sees activations in another layout. Use this method without reshape, on a "
-                "layer whose output is already (N, C, *S)."
+                "ctx.run_suffix replaces the layer's output, but with reshape=... camkit cannot "
+                "turn the method's (N, C, *S) activations back into the layer's layout. Leave "
+                "reshape out where camkit recognises the layout (channels last, transformer "
+                "tokens), or choose a layer whose output is (N, C, *S)."
             )
         m = int(replacement.shape[0])
         if index.shape != (m,):
@@ -512,8 +551,9 @@ def _suffix_runner(
                 lambda o, idx: target.scores(select_output(o, opts["output"]), idx),
                 opts["batch_size"],
             )
+        native = layout.to_native(replacement, activations[index.to(activations.device)])
         with autocast():
-            return runner(replacement, index)
+            return runner(native, index)
 
     return run_suffix
 
@@ -550,7 +590,9 @@ def _recapturer(
                     lambda output: (target, None),
                     index[sl],
                 )
-            a, g = _prepare(layer[0], fwd.activations[0], fwd.gradients[0], opts["reshape"])
+            act = fwd.activations[0]
+            layout = _layout(layer[0], act, opts["reshape"], tuple(batch[0].shape[2:]))
+            a, g = _prepare(layer[0], act, fwd.gradients[0], opts["reshape"], layout)
             acts.append(a)
             if g is not None:
                 grads.append(g)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LayerError, UnknownLayerError, did_you_mean
+from .layout import infer_layout
 
 __all__ = ["LayerInfo", "has_spatial_extent", "layers", "module_names", "resolve_layers"]
 
@@ -51,6 +52,21 @@ class LayerInfo:
 def has_spatial_extent(t: Any) -> bool:
     """``t`` is a tensor ``(N, C, *S)`` with at least one spatial dim and more than one position."""
     return isinstance(t, Tensor) and t.ndim >= 3 and math.prod(t.shape[2:]) > 1
+
+
+def maps_onto_input(t: Any, input_spatial: tuple[int, ...] | None, batch: int) -> bool:
+    """``t`` has a recognised layout (see :mod:`camkit.layout`) with more than one position."""
+    if not isinstance(t, Tensor) or t.ndim < 3:
+        return False
+    if input_spatial is None:
+        return has_spatial_extent(t)
+    layout = infer_layout(tuple(t.shape), input_spatial, batch)
+    if layout is None:
+        return False
+    if layout.kind == "tokens":
+        return math.prod(layout.grid) > 1
+    spatial = t.shape[2:] if layout.kind == "channels_first" else t.shape[1:-1]
+    return math.prod(spatial) > 1
 
 
 def module_names(model: nn.Module) -> dict[nn.Module, str]:
@@ -129,7 +145,12 @@ class _Seen:
     calls: int
 
 
-def probe(model: nn.Module, run: Callable[[], Any]) -> list[_Seen]:
+def probe(
+    model: nn.Module,
+    run: Callable[[], Any],
+    input_spatial: tuple[int, ...] | None = None,
+    batch: int = 0,
+) -> list[_Seen]:
     """Run ``run()`` (one forward) with hooks on every module, without gradients.
 
     Only shapes are kept, never the outputs themselves, so the forward frees its intermediate
@@ -148,7 +169,7 @@ def probe(model: nn.Module, run: Callable[[], Any]) -> list[_Seen]:
             return  # another thread's forward, or another probe
         rec = seen.pop(mod, [None, False, 0])  # re-inserted: dict order is finishing order
         rec[0] = tuple(output.shape) if isinstance(output, Tensor) else None
-        rec[1] = has_spatial_extent(output)
+        rec[1] = maps_onto_input(output, input_spatial, batch)
         rec[2] += 1
         seen[mod] = rec
 
@@ -184,7 +205,13 @@ _DEFAULTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, str]] = weakref.WeakKe
 _DEFAULTS_LOCK = threading.Lock()
 
 
-def cached_default_layer(model: nn.Module, key: Any, run: Callable[[], Any]) -> str:
+def cached_default_layer(
+    model: nn.Module,
+    key: Any,
+    run: Callable[[], Any],
+    input_spatial: tuple[int, ...] | None = None,
+    batch: int = 0,
+) -> str:
     """The default layer's name for ``model`` on inputs described by ``key``, found once.
 
     The search costs one no-grad forward; its result is remembered per model (weakly: the
@@ -194,7 +221,7 @@ def cached_default_layer(model: nn.Module, key: Any, run: Callable[[], Any]) -> 
         name = _DEFAULTS.get(model, {}).get(key)
     if name is not None:
         return name
-    name = default_layer(probe(model, run))[0]
+    name = default_layer(probe(model, run, input_spatial, batch))[0]
     with _DEFAULTS_LOCK:
         _DEFAULTS.setdefault(model, {})[key] = name
     return name
@@ -212,7 +239,10 @@ def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
         One :class:`LayerInfo` per module that ran; ``candidate`` marks usable layers.
     """
     inputs = x if isinstance(x, tuple) else (x,)
-    records = probe(model, lambda: model(*inputs, **model_kwargs))
+    first = inputs[0]
+    spatial = tuple(first.shape[2:]) if isinstance(first, Tensor) else None
+    batch = int(first.shape[0]) if isinstance(first, Tensor) else 0
+    records = probe(model, lambda: model(*inputs, **model_kwargs), spatial, batch)
     return [
         LayerInfo(
             name=r.name,

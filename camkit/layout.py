@@ -1,0 +1,143 @@
+"""Activation layouts: turning a layer's output into ``(N, C, *S)`` maps and back.
+
+camkit's methods work on channels-first activations ``(N, C, *S)``. Layers of other models give
+other layouts, recognised from the output's shape and the input's spatial size:
+
+- channels first ``(N, C, *S)`` (CNNs), kept as they are;
+- channels last ``(N, *S, C)`` (Swin-style stages), permuted;
+- tokens ``(N, T, C)`` of vision transformers on 2D inputs: the leading class, distillation and
+  register tokens (at most :data:`MAX_EXTRA_TOKENS`) are dropped and the rest laid on the grid
+  ``h x w`` with ``h * w = T - extra`` and ``h / w`` the input's aspect ratio; sequence-first
+  ``(T, N, C)`` tokens are recognised by the batch size.
+
+A layout the rules cannot settle is an error that names the shape and the ``reshape`` option.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .errors import LayerError
+
+__all__ = ["MAX_EXTRA_TOKENS", "Layout", "infer_layout"]
+
+#: Leading tokens that may precede the patch tokens (class, distillation, registers).
+MAX_EXTRA_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a layer's output maps to ``(N, C, *grid)``.
+
+    Attributes:
+        kind: ``"channels_first"``, ``"channels_last"`` or ``"tokens"``.
+        extra: leading tokens dropped (``tokens`` only).
+        grid: the spatial shape of the maps (``tokens`` only; others keep theirs).
+        seq_first: tokens come as ``(T, N, C)``.
+    """
+
+    kind: str
+    extra: int = 0
+    grid: tuple[int, ...] = ()
+    seq_first: bool = False
+
+    def to_maps(self, t: Tensor) -> Tensor:
+        """The layer's output (or its gradient) as ``(N, C, *S)``."""
+        if self.kind == "channels_first":
+            return t
+        if self.kind == "channels_last":
+            return t.movedim(-1, 1)
+        tokens = t.transpose(0, 1) if self.seq_first else t  # (N, T, C)
+        patches = tokens[:, self.extra :, :]
+        return patches.transpose(1, 2).reshape(t.shape[1 if self.seq_first else 0], -1, *self.grid)
+
+    def to_native(self, maps: Tensor, original: Tensor) -> Tensor:
+        """Maps ``(M, C, *S)`` back in the layer's layout; ``original`` (its ``M`` rows, native
+        layout) provides what the maps do not hold (the extra tokens)."""
+        if self.kind == "channels_first":
+            return maps
+        if self.kind == "channels_last":
+            return maps.movedim(1, -1)
+        patches = maps.flatten(2).transpose(1, 2)  # (M, P, C)
+        rows = original.transpose(0, 1) if self.seq_first else original
+        tokens = patches if self.extra == 0 else _cat(rows[:, : self.extra, :], patches)
+        return tokens.transpose(0, 1) if self.seq_first else tokens
+
+    def describe(self) -> str:
+        if self.kind == "tokens":
+            grid = "x".join(map(str, self.grid))
+            return f"tokens on a {grid} grid" + (
+                f", {self.extra} leading dropped" if self.extra else ""
+            )
+        return self.kind.replace("_", " ")
+
+
+def _cat(a: Tensor, b: Tensor) -> Tensor:
+    import torch
+
+    return torch.cat([a.to(b.dtype), b], dim=1)
+
+
+def _consistent(spatial: tuple[int, ...], input_spatial: tuple[int, ...]) -> bool:
+    """``spatial`` is ``input_spatial`` divided by one stride, up to rounding (one position)."""
+    if len(spatial) != len(input_spatial) or any(s < 1 for s in spatial):
+        return False
+    if any(s > i for s, i in zip(spatial, input_spatial, strict=True)):
+        return False
+    stride = max(i / s for s, i in zip(spatial, input_spatial, strict=True))
+    return all(abs(i / stride - s) <= 1 for s, i in zip(spatial, input_spatial, strict=True))
+
+
+def _token_grid(tokens: int, input_spatial: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
+    height, width = input_spatial
+    for extra in range(0, min(MAX_EXTRA_TOKENS, tokens - 1) + 1):
+        p = tokens - extra
+        h = round(math.sqrt(p * height / width))
+        for hh in (h, h - 1, h + 1):
+            if hh >= 1 and p % hh == 0 and _consistent((hh, p // hh), input_spatial):
+                return extra, (hh, p // hh)
+    return None
+
+
+def infer_layout(
+    shape: tuple[int, ...], input_spatial: tuple[int, ...], batch: int
+) -> Layout | None:
+    """The layout of an output of ``shape`` for inputs of spatial size ``input_spatial``.
+
+    Returns:
+        A :class:`Layout`, or ``None`` when the rules cannot settle it.
+    """
+    rank = len(input_spatial)
+    if len(shape) == rank + 2 and rank >= 1:
+        if rank == 1 or _consistent(tuple(shape[2:]), input_spatial):
+            return Layout("channels_first")
+        if _consistent(tuple(shape[1:-1]), input_spatial):
+            return Layout("channels_last")
+        return Layout("channels_first")
+    if len(shape) == 3 and rank == 2:
+        seq_first = shape[0] != batch and shape[1] == batch
+        tokens = shape[0] if seq_first else shape[1]
+        found = _token_grid(tokens, (input_spatial[0], input_spatial[1]))
+        if found is not None:
+            return Layout("tokens", extra=found[0], grid=found[1], seq_first=seq_first)
+    if len(shape) >= 3 and rank == 0:
+        return Layout("channels_first")
+    return None
+
+
+def layout_or_error(
+    name: str, shape: tuple[int, ...], input_spatial: tuple[int, ...], batch: int
+) -> Layout:
+    """:func:`infer_layout`, or a :class:`LayerError` naming the shape and the fix."""
+    layout = infer_layout(shape, input_spatial, batch)
+    if layout is None:
+        raise LayerError(
+            f"layer {name!r} gives an output of shape {shape}, whose layout camkit cannot map "
+            f"onto the input's spatial size {input_spatial}: expected (N, C, *S), (N, *S, C) or "
+            "vision-transformer tokens (N, T, C). Pass reshape=... (a callable turning the "
+            "output into (N, C, *S)), or choose another layer."
+        )
+    return layout
