@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import CamkitError, InputError, UnknownMethodError
-from .explain import Explainer, select_output
+from .explain import Explainer
 from .io import (
     DEFAULT_SIZE,
     IMAGENET_MEAN,
@@ -41,6 +41,7 @@ from .io import (
 from .method import Method
 from .registry import default_registry
 from .result import CamResult
+from .targets import select_output
 from .viz import overlay
 
 __all__ = ["build_parser", "main"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from . import cam
 from .capture import Capture, hooks_paused
-from .errors import InputError, LayerError, OptionError, PluginError, TargetError
+from .errors import CamkitWarning, InputError, LayerError, OptionError, PluginError, TargetError
 from .layers import LayerSpec, cached_default_layer, has_spatial_extent, resolve_layers
 from .layout import Layout, layout_or_error
 from .method import Context, Method
@@ -31,7 +32,7 @@ from .options import resolve_options
 from .registry import Registry, default_registry
 from .result import CamResult
 from .suffix import SuffixRunner
-from .targets import Target, as_target
+from .targets import ClassTarget, Target, as_target, select_output
 
 __all__ = ["Explainer", "explain"]
 
@@ -74,29 +75,26 @@ def _check_inputs(x: Any) -> tuple[Tensor, ...]:
     return tuple(t.clone() if t.is_inference() else t for t in inputs)
 
 
-def select_output(output: Any, choice: Any) -> Any:
-    """The part of the model output that targets score (the ``output`` option)."""
-    if choice is None:
-        if isinstance(output, Tensor):
-            return output
-        if isinstance(output, Mapping):
-            for key in ("logits", "out"):
-                if key in output:
-                    return output[key]
-        if hasattr(output, "logits") and isinstance(output.logits, Tensor):
-            return output.logits
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``nn.DataParallel`` (explained on its own device, with a warning)."""
+    if isinstance(model, nn.DataParallel):
+        warnings.warn(
+            "camkit explains the module inside nn.DataParallel on its own device (one "
+            "replica); layer names are those of model.module.",
+            CamkitWarning,
+            stacklevel=3,
+        )
+        inner: nn.Module = model.module
+        return inner
+    return model
+
+
+def scored_output(output: Any, target: Target, choice: Any) -> Any:
+    """What ``target`` scores: class targets the selected output (:func:`select_output`);
+    other targets the raw output, unless the caller chose a part with the ``output`` option."""
+    if choice is None and not isinstance(target, ClassTarget):
         return output
-    if callable(choice):
-        return choice(output)
-    try:
-        if isinstance(choice, str) and not isinstance(output, Mapping):
-            return getattr(output, choice)
-        return output[choice]
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise OptionError(
-            f"option output={choice!r} does not select anything from the model output "
-            f"of type {type(output).__name__}: {exc}. Pass an index, a key or a callable."
-        ) from exc
+    return select_output(output, choice)
 
 
 @contextmanager
@@ -151,7 +149,9 @@ class Explainer:
                 f"model expects a torch.nn.Module; got {type(model).__name__}. Pass the model "
                 "object, not its output or state_dict."
             )
-        self.method = (registry or default_registry()).get(method)
+        model = unwrap(model)
+        self.registry = registry or default_registry()
+        self.method = self.registry.get(method)
         self.options = resolve_options(
             self.method.name, self.method.options, options, self.method.check_options
         )
@@ -214,6 +214,16 @@ class Explainer:
     ) -> list[tuple[str, nn.Module]]:
         if self.layer is not None:
             return resolve_layers(model, self.layer)
+        proposed = self.registry.default_layers(model)
+        if proposed:
+            try:
+                return resolve_layers(model, proposed)
+            except LayerError as exc:
+                raise PluginError(
+                    f"an architecture adapter proposed layer(s) {proposed} for "
+                    f"{type(model).__name__}, which do not resolve: {exc} Pass layer=... to "
+                    "choose one, and report it to the adapter's authors."
+                ) from exc
         key = (
             tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
             tuple(sorted(kwargs)),
@@ -288,8 +298,8 @@ def _forward(
                 f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward "
                 "on this input; choose layers the forward uses (camkit.layers(model, x))."
             )
-        output = select_output(raw_output, opts["output"])
-        target, classes = make_target(output)
+        target, classes = make_target(select_output(raw_output, opts["output"]))
+        output = scored_output(raw_output, target, opts["output"])
         scores = target.scores(output, index)
         if not isinstance(scores, Tensor) or scores.shape != (m,):
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
@@ -505,7 +515,7 @@ def _scorer(
         out = []
         with hooks_paused(), torch.no_grad(), autocast():
             for sl in _chunks(m, opts["batch_size"]):
-                o = select_output(model(*(t[sl] for t in batch), **kwargs), opts["output"])
+                o = scored_output(model(*(t[sl] for t in batch), **kwargs), scorer, opts["output"])
                 out.append(scorer.scores(o, index[sl]).detach())
         return torch.cat(out)
 
@@ -548,7 +558,7 @@ def _suffix_runner(
                 kwargs,
                 layer,
                 activations,
-                lambda o, idx: target.scores(select_output(o, opts["output"]), idx),
+                lambda o, idx: target.scores(scored_output(o, target, opts["output"]), idx),
                 opts["batch_size"],
             )
         native = layout.to_native(replacement, activations[index.to(activations.device)])

@@ -28,10 +28,16 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import InputError, ModelError
-from .explain import _buffers_kept, _check_inputs, explain, select_output
+from .explain import (
+    _buffers_kept,
+    _check_inputs,
+    explain,
+    scored_output,
+    unwrap,
+)
 from .layers import LayerSpec
 from .method import Method
-from .targets import as_target
+from .targets import as_target, select_output
 
 __all__ = ["guided_backprop", "guided_gradcam"]
 
@@ -124,12 +130,14 @@ def guided_backprop(
             f"model expects a torch.nn.Module; got {type(model).__name__}. Pass the model "
             "object, not its output or state_dict."
         )
+    model = unwrap(model)
     inputs = _check_inputs(x)
     first = inputs[0].detach().requires_grad_(True)
     n = int(first.shape[0])
     with _buffers_kept(model), torch.enable_grad(), _GuidedMode():
-        out = select_output(model(first, *inputs[1:], **(model_kwargs or {})), output)
-        tgt, _ = as_target(target, out, n)
+        raw = model(first, *inputs[1:], **(model_kwargs or {}))
+        tgt, _ = as_target(target, select_output(raw, output), n)
+        out = scored_output(raw, tgt, output)
         scores = tgt.scores(out, torch.arange(n, device=first.device))
     (grad,) = torch.autograd.grad(scores.sum(), first)
     return grad

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .method import Method
 
-__all__ = ["hookimpl", "hookspec", "register_methods"]
+__all__ = ["default_layers", "hookimpl", "hookspec", "register_methods"]
 
 hookspec = pluggy.HookspecMarker("camkit")
 #: Marks a plugin's implementation of a camkit hook.
@@ -32,4 +34,18 @@ def register_methods(register: Callable[[Method], None]) -> None:
     naming the plugin.
 
     The return value is ignored.
+    """
+
+
+@hookspec(firstresult=True)
+def default_layers(model: nn.Module) -> str | list[str] | None:
+    """Propose the layer(s) to explain when the caller passes ``layer=None``.
+
+    Called with the model (an ``nn.Module``; ``nn.DataParallel`` is already unwrapped) the first
+    time it is explained without a layer. Return a dotted layer name, or a list of names, for
+    architectures the plugin recognises, and ``None`` otherwise; the first plugin to answer
+    wins, and when none does camkit searches the model (see :mod:`camkit.layers`). The layer's
+    layout (channels first or last, transformer tokens) is recognised from its output, so an
+    adapter returns names only. A name that does not exist in the model is a
+    :class:`camkit.PluginError`.
     """

@@ -213,6 +213,13 @@ class Registry:
             f"unknown method {name!r}.{hint}{missing} List methods with camkit.list_methods()."
         )
 
+    def default_layers(self, model: Any) -> list[str] | None:
+        """The layer names an architecture adapter proposes for ``model``, or ``None``."""
+        found = self.pm.hook.default_layers(model=model)
+        if found is None:
+            return None
+        return [found] if isinstance(found, str) else list(found)
+
     def names(self, filter: str = "*") -> list[str]:
         """Sorted canonical names matching the fnmatch pattern ``filter``."""
         return sorted(n for n in self._methods if fnmatch.fnmatchcase(n, filter))

@@ -9,15 +9,27 @@ working for them.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from .errors import TargetError
+from .errors import OptionError, TargetError
 
-__all__ = ["ClassTarget", "FunctionTarget", "Target", "as_target"]
+__all__ = [
+    "BoxTarget",
+    "ClassTarget",
+    "DifferenceTarget",
+    "FunctionTarget",
+    "ProbabilityTarget",
+    "RegressionTarget",
+    "SegmentationTarget",
+    "SimilarityTarget",
+    "Target",
+    "as_target",
+    "select_output",
+]
 
 
 @runtime_checkable
@@ -27,6 +39,41 @@ class Target(Protocol):
     def scores(self, output: Any, index: Tensor) -> Tensor:
         """Score each row of ``output``: returns ``(M,)`` for ``index`` of shape ``(M,)``."""
         ...
+
+
+def select_output(output: Any, choice: Any) -> Any:
+    """The part of the model output that class targets score (the ``output`` option).
+
+    With ``choice=None``: a tensor as it is; a mapping's ``"logits"`` or ``"out"`` entry, or its
+    only tensor; an object's ``logits`` attribute (Hugging Face ``ModelOutput``); a tuple's or
+    list's first element when it is a tensor; anything else as it is. Otherwise ``choice`` is an
+    index, a key (or attribute name) or a callable ``f(output)``.
+    """
+    if choice is None:
+        if isinstance(output, Tensor):
+            return output
+        if isinstance(output, Mapping):
+            for key in ("logits", "out"):
+                if key in output:
+                    return output[key]
+            tensors = [v for v in output.values() if isinstance(v, Tensor)]
+            return tensors[0] if len(tensors) == 1 else output
+        if isinstance(getattr(output, "logits", None), Tensor):
+            return output.logits
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            return output[0]
+        return output
+    if callable(choice):
+        return choice(output)
+    try:
+        if isinstance(choice, str) and not isinstance(output, Mapping):
+            return getattr(output, choice)
+        return output[choice]
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise OptionError(
+            f"option output={choice!r} does not select anything from the model output "
+            f"of type {type(output).__name__}: {exc}. Pass an index, a key or a callable."
+        ) from exc
 
 
 def _logits(output: Any) -> Tensor:
@@ -160,6 +207,8 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
             )
         classes = t.to(device=_device(output), dtype=torch.long)
     elif isinstance(target, Target):
+        if isinstance(target, ClassTarget):
+            target.check(output)
         return target, None
     elif callable(target):
         return FunctionTarget(target), None
@@ -177,3 +226,177 @@ def _device(output: Any) -> torch.device:
     if isinstance(output, Tensor):
         return output.device
     return torch.device("cpu")
+
+
+# -- the targets library -------------------------------------------------------------------------
+def _per_row(value: Tensor, index: Tensor, n_rows: int) -> Tensor:
+    """A per-sample value ``(N, ...)`` picked for each row by ``index``, or shared when 0-d."""
+    if value.ndim == 0:
+        return value.expand(n_rows)
+    return value.to(index.device)[index]
+
+
+class ProbabilityTarget(ClassTarget):
+    """The softmax probability of a class: ``softmax(logits)[m, classes[index[m]]]``.
+
+    Args:
+        classes: one class per sample ``(N,)``, or an int for all.
+    """
+
+    def __init__(self, classes: int | Sequence[int] | Tensor) -> None:
+        super().__init__(torch.as_tensor(classes, dtype=torch.long).reshape(-1))
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        logits = _logits(output)
+        p = torch.softmax(logits.float(), dim=1)
+        classes = self.classes.to(p.device)
+        chosen = classes.expand(logits.shape[0]) if classes.numel() == 1 else classes[index]
+        return p[torch.arange(p.shape[0], device=p.device), chosen]
+
+
+class DifferenceTarget(ClassTarget):
+    """How much more the model scores class ``a`` than class ``b``: ``logit_a - logit_b``."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(torch.tensor([a, b]))
+        self.a, self.b = a, b
+
+    def check(self, output: Any) -> None:
+        k = _logits(output).shape[1]
+        if not (0 <= self.a < k and 0 <= self.b < k):
+            raise TargetError(f"classes must lie in [0, {k - 1}]; got {self.a} and {self.b}.")
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        logits = _logits(output)
+        return logits[:, self.a] - logits[:, self.b]
+
+
+class RegressionTarget:
+    """One output of a regression model: ``output[m, column]`` (or ``output[m]`` for ``(M,)``)."""
+
+    def __init__(self, column: int = 0) -> None:
+        self.column = column
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        out = select_output(output, None)
+        if not isinstance(out, Tensor) or out.ndim not in (1, 2):
+            raise TargetError(
+                "RegressionTarget expects outputs of shape (N,) or (N, K); got "
+                f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}."
+            )
+        return out if out.ndim == 1 else out[:, self.column]
+
+
+class SimilarityTarget:
+    """Cosine similarity of the output embedding to a reference, one per sample or shared.
+
+    Args:
+        reference: ``(D,)`` or ``(N, D)``.
+    """
+
+    def __init__(self, reference: Tensor) -> None:
+        self.reference = reference
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        emb = select_output(output, None)
+        if not isinstance(emb, Tensor) or emb.ndim != 2:
+            raise TargetError(
+                "SimilarityTarget expects embeddings of shape (N, D); got "
+                f"{tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__}."
+            )
+        ref = self.reference.to(emb.device, emb.dtype)
+        ref = ref.expand(emb.shape[0], -1) if ref.ndim == 1 else ref[index.to(emb.device)]
+        return torch.nn.functional.cosine_similarity(emb, ref, dim=1)
+
+
+class SegmentationTarget:
+    """A segmentation class's scores summed over a mask: ``sum_{ij in mask} out[m, c, i, j]``.
+
+    Args:
+        category: the class channel.
+        mask: ``(H, W)`` shared, ``(N, H, W)`` per sample, or ``None`` for every pixel. Take it
+            from the prediction (``out.argmax(1) == c``) to explain what the model segmented.
+    """
+
+    def __init__(self, category: int, mask: Tensor | None = None) -> None:
+        self.category, self.mask = category, mask
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        out = select_output(output, None)
+        if not isinstance(out, Tensor) or out.ndim < 3:
+            raise TargetError(
+                "SegmentationTarget expects per-pixel scores (N, K, *S) (for torchvision's "
+                "segmentation models, the 'out' entry); got "
+                f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}."
+            )
+        if not 0 <= self.category < out.shape[1]:
+            raise TargetError(
+                f"category {self.category} is out of range for {out.shape[1]} classes."
+            )
+        plane = out[:, self.category]
+        if self.mask is None:
+            return plane.flatten(1).sum(1)
+        mask = self.mask.to(plane.device, plane.dtype)
+        if mask.ndim == plane.ndim:  # per sample
+            mask = mask[index.to(plane.device)]
+        return (plane * mask).flatten(1).sum(1)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes ``(A, 4)`` and ``(B, 4)`` in ``(x1, y1, x2, y2)``: ``(A, B)``."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp_min(1e-12)
+
+
+class BoxTarget:
+    """Detection: the score of the predicted box matching each reference box.
+
+    For torchvision's detection output (a list with one dict of ``boxes``, ``labels`` and
+    ``scores`` per image), the score of a row is, summed over its reference boxes, the score of
+    the predicted box with the same label and the highest IoU, when that IoU reaches
+    ``iou_threshold`` (0 otherwise).
+
+    Args:
+        boxes: ``(B, 4)`` shared or a sequence of ``(B_n, 4)`` per sample, ``(x1, y1, x2, y2)``
+            in input pixels.
+        labels: ``(B,)`` or a sequence of ``(B_n,)``.
+        iou_threshold: the least IoU of a match.
+    """
+
+    def __init__(
+        self,
+        boxes: Tensor | Sequence[Tensor],
+        labels: Tensor | Sequence[Tensor],
+        iou_threshold: float = 0.5,
+    ) -> None:
+        self.boxes, self.labels, self.iou_threshold = boxes, labels, iou_threshold
+
+    def _ref(self, n: int) -> tuple[Tensor, Tensor]:
+        if isinstance(self.boxes, Tensor):
+            return self.boxes, torch.as_tensor(self.labels)
+        return self.boxes[n], torch.as_tensor(self.labels[n])
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        if not (isinstance(output, (list, tuple)) and all(isinstance(o, Mapping) for o in output)):
+            raise TargetError(
+                "BoxTarget expects torchvision's detection output, a list with one dict of "
+                f"boxes, labels and scores per image; got {type(output).__name__}."
+            )
+        rows = []
+        for m, det in enumerate(output):
+            ref_boxes, ref_labels = self._ref(int(index[m]))
+            pred = det["boxes"]
+            total = det["scores"].new_zeros(()) if len(det["scores"]) else pred.new_zeros(())
+            if len(pred) and len(ref_boxes):
+                iou = box_iou(ref_boxes.to(pred), pred)
+                same = ref_labels.to(pred.device)[:, None] == det["labels"][None, :]
+                iou = torch.where(same, iou, torch.zeros_like(iou))
+                best, at = iou.max(dim=1)
+                hit = best >= self.iou_threshold
+                total = total + (det["scores"][at] * hit).sum()
+            rows.append(total)
+        return torch.stack(rows)

@@ -124,15 +124,15 @@ def _probability_target(ctx: camkit.Context) -> Any:
             "weights='probability' needs class targets (None, an int or one class per "
             f"sample); got a {type(ctx.target).__name__}. Use weights='softmax'."
         )
-    classes = ctx.target.classes
 
-    class Probability:
+    class Probability(ClassTarget):
+        """The softmax probability of the class, from the logits class targets see."""
+
         def scores(self, output: Any, index: Tensor) -> Tensor:
-            logits = output if isinstance(output, Tensor) else output.logits
-            p = F.softmax(logits.float(), dim=1)
-            return p[torch.arange(p.shape[0], device=p.device), classes.to(p.device)[index]]
+            p = F.softmax(output.float(), dim=1)
+            return p[torch.arange(p.shape[0], device=p.device), self.classes.to(p.device)[index]]
 
-    return Probability()
+    return Probability(ctx.target.classes)
 
 
 def _scaled_mask(s: float) -> Callable[[Tensor, Tensor], Tensor]:
