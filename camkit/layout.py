@@ -88,12 +88,16 @@ def _consistent(spatial: tuple[int, ...], input_spatial: tuple[int, ...]) -> boo
     if any(s > i for s, i in zip(spatial, input_spatial, strict=True)):
         return False
     stride = max(i / s for s, i in zip(spatial, input_spatial, strict=True))
-    return all(abs(i / stride - s) <= 1 for s, i in zip(spatial, input_spatial, strict=True))
+    # each size is the input's divided by the stride, rounded down or up
+    return all(
+        math.floor(i / stride + 1e-9) <= s <= math.ceil(i / stride - 1e-9)
+        for s, i in zip(spatial, input_spatial, strict=True)
+    )
 
 
 def _token_grid(tokens: int, input_spatial: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
     height, width = input_spatial
-    for extra in range(0, min(MAX_EXTRA_TOKENS, tokens - 1) + 1):
+    for extra in range(0, min(MAX_EXTRA_TOKENS, tokens - 2) + 1):  # at least two patches
         p = tokens - extra
         h = round(math.sqrt(p * height / width))
         for hh in (h, h - 1, h + 1):

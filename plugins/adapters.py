@@ -14,6 +14,8 @@ the classifier pools, at the highest resolution that still sees the whole networ
   grid. Swin (v1, v2), which averages its tokens: the last stage's output (``features``, channels
   last).
 
+- Segmentation (FCN, DeepLabV3) with a ResNet backbone: ``backbone.layer4``.
+
 Other models get ``None``: camkit then searches them (see ``camkit.layers``).
 """
 
@@ -46,6 +48,11 @@ def _last_relu(features: nn.Module) -> str | None:
     return f"features.{names[-1]}" if names else None
 
 
+def _segmentation_layer(model: nn.Module) -> str | None:
+    backbone = getattr(model, "backbone", None)
+    return "backbone.layer4" if backbone is not None and hasattr(backbone, "layer4") else None
+
+
 def torchvision_layer(model: nn.Module) -> str | None:
     """The layer for a torchvision classifier, or ``None`` for other models."""
     cls = type(model)
@@ -54,6 +61,8 @@ def torchvision_layer(model: nn.Module) -> str | None:
     name = cls.__name__
     if name == "VGG":
         return _last_relu(model.features)  # type: ignore[arg-type]
+    if name in ("FCN", "DeepLabV3"):
+        return _segmentation_layer(model)
     if name == "VisionTransformer":
         blocks = list(model.encoder.layers.named_children())  # type: ignore[union-attr]
         return f"encoder.layers.{blocks[-1][0]}.ln_1" if blocks else None
