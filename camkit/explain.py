@@ -561,7 +561,9 @@ def _suffix_runner(
                 lambda o, idx: target.scores(scored_output(o, target, opts["output"]), idx),
                 opts["batch_size"],
             )
-        native = layout.to_native(replacement, activations[index.to(activations.device)])
+        native = layout.to_native(
+            replacement.to(activations.dtype), activations[index.to(activations.device)]
+        )
         with autocast():
             return runner(native, index)
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import hooks_paused, output_replaced
-from .errors import CamkitWarning
+from .errors import CamkitError, CamkitWarning
 
 __all__ = ["SuffixRunner"]
 
@@ -63,7 +63,7 @@ class _Replay:
 
     def answer(self, module: nn.Module) -> Any:
         if module is self.layer:
-            return self.replacement.clone()
+            return self.replacement.clone()  # in the layer's dtype (see SuffixRunner)
         k = self.calls.get(module, 0)
         self.calls[module] = k + 1
         outs = self.recorded.get(module, [])
@@ -220,8 +220,10 @@ class SuffixRunner:
                     try:
                         out.append(self._replay_chunk(activations[sl], index[sl]))
                         continue
+                    except CamkitError:
+                        raise
                     except Exception as exc:  # not valid for this model after all
-                        self._fall_back(f"it raised {type(exc).__name__}: {exc}")
+                        self._fall_back(f"the replay raised {type(exc).__name__}: {exc}")
                 out.append(self._full(activations[sl], index[sl]))
         return torch.cat(out)
 
@@ -244,7 +246,8 @@ class SuffixRunner:
     def _replay(self, activations: Tensor, rows: Tensor) -> Tensor:
         assert self.recorded is not None
         n = int(self.inputs[0].shape[0])
-        replay = _Replay(self.recorded, self.layer, n, rows, activations, self.views)
+        replacement = activations.to(self.activations.dtype)
+        replay = _Replay(self.recorded, self.layer, n, rows, replacement, self.views)
         batch = tuple(replay.rows_of(t) for t in self.inputs)
         token = _REPLAY.set(replay)
         try:
@@ -271,13 +274,16 @@ class SuffixRunner:
         try:
             fast = self._replay(copy.unsqueeze(0), rows)
             tol = 1e-4 * max(1.0, float(exact.abs().max()))
-            same = bool(torch.isfinite(fast).all()) and float((fast - exact).abs().max()) <= tol
+            gap = float((fast - exact).abs().max())
+            same = bool(torch.isfinite(fast).all()) and gap <= tol
             reason = (
-                f"its result differs from a full forward ({float(fast[0]):.6g} vs "
-                f"{float(exact[0]):.6g})"
+                f"the replayed score {float(fast[0]):.8g} differs from a full forward's "
+                f"{float(exact[0]):.8g} by {gap:.3g}, over the tolerance {tol:.3g}"
             )
-        except Exception as exc:  # any failure of the replay means: not valid for this model
-            same, reason = False, f"it raised {type(exc).__name__}: {exc}"
+        except CamkitError:
+            raise  # the caller's mistake (a target, an option), not the replay's
+        except Exception as exc:  # any other failure of the replay: not valid for this model
+            same, reason = False, f"the replay raised {type(exc).__name__}: {exc}"
         self.fast = same
         if not same:
             self._fall_back(reason)
@@ -287,8 +293,8 @@ class SuffixRunner:
         self.fallback_reason = reason
         warnings.warn(
             f"run_suffix: the part of the model after layer {self.name!r} cannot be re-run "
-            f"on its own ({reason}); the model's forward keeps something from before the "
-            "layer besides its output (or is random, or in train mode). Falling back to "
+            f"on its own: {reason}. Typical causes: the forward keeps something from before "
+            "the layer besides its output, is random, or is in train mode. Falling back to "
             "full re-runs, which are exact but slower.",
             CamkitWarning,
             stacklevel=5,

@@ -17,8 +17,8 @@ they are not run.
 
 Precision: a weight is the difference of two nearly equal scores, and the map sums such weights
 with mixed signs, so in float32 the rounding of kernels (which depends on how many copies run
-together, ``batch_size``) shows at about 1e-4 of the map's maximum; in float64 maps agree to
-1e-9 whatever the batch size.
+together, ``batch_size``) shows at up to about 5e-4 of the map's maximum; in float64 maps agree
+to 1e-9 whatever the batch size.
 
 Departure from the paper: for ``y <= 0`` dividing by ``y`` flips the sign of every weight and
 with it the map. camkit divides by ``|y|`` (``denominator="abs"``, the default), which is the
@@ -48,7 +48,7 @@ class AblationCAM(camkit.Method):
     )
     needs_gradients = False
     class_discriminative = True
-    cost = "1 forward + 1 checked replay + C ablated copies through the suffix after the layer"
+    cost = "2 forwards (explained, recorded) + C ablated copies through the part after the layer"
     options = {"denominator": "abs"}
 
     def check_options(self, options: Mapping[str, Any]) -> None:

@@ -154,3 +154,21 @@ def test_concurrent_replays_on_one_model() -> None:
         for r in results[i]:
             torch.testing.assert_close(r, alone[i], rtol=1e-5, atol=1e-6)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_half_precision_model_replays_without_falling_back() -> None:
+    model = ResidualNet().eval().to(torch.bfloat16)
+    seen = _run(model, torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), "bn")
+    torch.testing.assert_close(seen["suffix"].float(), seen["full"].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_target_error_is_not_mistaken_for_an_invalid_replay() -> None:
+    model = ResidualNet().eval()
+    with pytest.raises(camkit.TargetError, match="must accept"):
+        camkit.explain(
+            model,
+            torch.randn(2, 3, 8, 8),
+            method="ablationcam",
+            layer="bn",
+            target=lambda out: out[:, 0],
+        )
