@@ -76,7 +76,12 @@ def _check_inputs(x: Any) -> tuple[Tensor, ...]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``nn.DataParallel`` (explained on its own device, with a warning)."""
+    """The module inside ``nn.DataParallel`` (explained on its own device, with a warning) or
+    inside ``torch.compile`` (explained eagerly: hooks and layer names are the original
+    module's)."""
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return unwrap(original)
     if isinstance(model, nn.DataParallel):
         warnings.warn(
             "camkit explains the module inside nn.DataParallel on its own device (one "
@@ -264,6 +269,28 @@ def explain(
         return ex(x, target=target)
 
 
+#: Scale of the scores before a float16 backward, undone on the float32 gradients: small
+#: gradients would otherwise underflow to zero (as gradient scalers do for training).
+FLOAT16_SCALE = 2.0**12
+
+
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _gradients(scores: Tensor, acts: list[Tensor]) -> list[Tensor | None]:
+    """d(sum of scores)/d(activations); float16 layers get a scaled backward."""
+    if not any(a.dtype == torch.float16 for a in acts):
+        return list(torch.autograd.grad(scores.sum(), acts, allow_unused=True))
+    scaled = torch.autograd.grad(
+        scores.sum() * FLOAT16_SCALE, acts, allow_unused=True, retain_graph=True
+    )
+    if all(g is None or _finite(g) for g in scaled):
+        return [None if g is None else g.float() / FLOAT16_SCALE for g in scaled]
+    # the scaled gradients overflowed: the plain ones are the best float16 can give
+    return list(torch.autograd.grad(scores.sum(), acts, allow_unused=True))
+
+
 @dataclass
 class _Forward:
     """What one captured forward gives: the scored output, the target and per-layer tensors."""
@@ -313,13 +340,20 @@ def _forward(
                     "gradient flows from it to them. Choose a layer on the path to the scored "
                     "output (camkit.layers(model, x))."
                 )
-            found = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
-            for name, g in zip(names, found, strict=True):
+            found = _gradients(scores, acts)
+            for name, a, g in zip(names, acts, found, strict=True):
                 if g is None:
                     raise LayerError(
                         f"the target score does not depend on layer {name!r}: no gradient "
                         "flows to it. Choose a layer on the path to the scored output."
                     )
+                for what, t in (("activations", a), ("gradients", g)):
+                    if not _finite(t):
+                        raise LayerError(
+                            f"layer {name!r} has non-finite {what} ({t.dtype}): the model "
+                            "overflows or divides by zero on this input. Check the input's "
+                            "preprocessing; for float16 models, try bfloat16 or float32."
+                        )
             grads = list(found)
     return _Forward(
         output=output,

@@ -316,3 +316,52 @@ def test_segmentation_model_end_to_end() -> None:
     res = camkit.explain(model, x, target=target)
     assert res.layer == "backbone.layer4"
     assert res.maps.shape == (1, 64, 64) and bool(torch.isfinite(res.maps).all())
+
+
+def test_float16_gradients_are_scaled_not_lost() -> None:
+    # gradients of 1e-8 underflow in float16 (smallest subnormal ~6e-8); the scaled backward
+    # keeps them: the map matches the float32 one
+    torch.manual_seed(0)
+    model = Structured("tuple").eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e-6)
+    x = torch.randn(2, 3, 6, 6)
+    ref = camkit.explain(model, x, layer="conv", target=[0, 1])
+    half = Structured("tuple").eval()
+    half.load_state_dict(model.state_dict())
+    half = half.half()
+    res = camkit.explain(half, x.half(), layer="conv", target=[0, 1])
+    assert float(res.weights.abs().max()) > 0
+    corr = torch.corrcoef(torch.stack([res.maps.flatten(), ref.maps.flatten()]))[0, 1]
+    assert corr > 0.99
+
+
+def test_non_finite_activations_are_an_error() -> None:
+    class Overflow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x * 1e30).exp().mean((2, 3)))
+
+    with pytest.raises(camkit.LayerError, match="non-finite"):
+        camkit.explain(Overflow(), torch.rand(1, 3, 4, 4) + 1, layer="conv", target=0)
+
+
+def test_channels_last_memory_format_and_torch_compile() -> None:
+    torch.manual_seed(0)
+    model = Structured("tuple").eval()
+    x = torch.randn(2, 3, 6, 6)
+    ref = camkit.explain(model, x, layer="conv", target=[0, 1])
+    cl = camkit.explain(
+        model.to(memory_format=torch.channels_last),
+        x.to(memory_format=torch.channels_last),
+        layer="conv",
+        target=[0, 1],
+    )
+    torch.testing.assert_close(cl.maps, ref.maps)
+    compiled = torch.compile(model, backend="eager")
+    res = camkit.explain(compiled, x, layer="conv", target=[0, 1])
+    torch.testing.assert_close(res.maps, ref.maps)
