@@ -32,7 +32,7 @@ from .options import resolve_options
 from .registry import Registry, default_registry
 from .result import CamResult
 from .suffix import SuffixRunner
-from .targets import ClassTarget, Target, as_target, select_output
+from .targets import ClassTarget, MultiClassTarget, Target, as_target, select_output
 
 __all__ = ["Explainer", "explain"]
 
@@ -279,16 +279,36 @@ def _finite(t: Tensor) -> bool:
 
 
 def _gradients(scores: Tensor, acts: list[Tensor]) -> list[Tensor | None]:
-    """d(sum of scores)/d(activations); float16 layers get a scaled backward."""
+    """d(sum of scores)/d(activations); float16 layers get a scaled backward.
+
+    Scores ``(N, K)`` (several targets per sample) get one batched backward: gradients
+    ``(K, N, ...)``, one per target.
+    """
+
+    def grad(scale: float, retain: bool) -> tuple[Tensor | None, ...]:
+        if scores.ndim == 1:
+            return torch.autograd.grad(
+                scores.sum() * scale, acts, allow_unused=True, retain_graph=retain
+            )
+        k = scores.shape[1]
+        eye = torch.eye(k, dtype=scores.dtype, device=scores.device) * scale
+        outputs = eye[:, None, :].expand(k, *scores.shape)
+        return torch.autograd.grad(
+            scores,
+            acts,
+            grad_outputs=outputs,
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=retain,
+        )
+
     if not any(a.dtype == torch.float16 for a in acts):
-        return list(torch.autograd.grad(scores.sum(), acts, allow_unused=True))
-    scaled = torch.autograd.grad(
-        scores.sum() * FLOAT16_SCALE, acts, allow_unused=True, retain_graph=True
-    )
+        return list(grad(1.0, False))
+    scaled = grad(FLOAT16_SCALE, True)
     if all(g is None or _finite(g) for g in scaled):
         return [None if g is None else g.float() / FLOAT16_SCALE for g in scaled]
     # the scaled gradients overflowed: the plain ones are the best float16 can give
-    return list(torch.autograd.grad(scores.sum(), acts, allow_unused=True))
+    return list(grad(1.0, False))
 
 
 @dataclass
@@ -328,7 +348,10 @@ def _forward(
         target, classes = make_target(select_output(raw_output, opts["output"]))
         output = scored_output(raw_output, target, opts["output"])
         scores = target.scores(output, index)
-        if not isinstance(scores, Tensor) or scores.shape != (m,):
+        several = isinstance(target, MultiClassTarget)
+        if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
+            pass  # (M, K): several targets per sample
+        elif not isinstance(scores, Tensor) or scores.shape != (m,):
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
             raise TargetError(f"the target must give one score per sample, ({m},); got {got}.")
         acts = [capture.activations[name] for name in names]
@@ -389,6 +412,7 @@ def _run(
         rows,
     )
     output, target, scores = fwd.output, fwd.target, fwd.scores
+    several = fwd.classes.shape[1] if fwd.classes is not None and fwd.classes.ndim == 2 else 0
     # from here on, layers in the order they ran: fusion rules tell shallow from deep
     ranks = {name: i for i, name in enumerate(fwd.order)}
     order = sorted(range(len(layers)), key=lambda i: ranks[layers[i][0]])
@@ -396,6 +420,16 @@ def _run(
     names = [names[i] for i in order]
     acts = [fwd.activations[i] for i in order]
     grads = [fwd.gradients[i] for i in order]
+    if several:
+        # N samples x K targets become N * K rows, sample-major; gradients come (K, N, ...)
+        rep = torch.arange(n, device=inputs[0].device).repeat_interleave(several)
+        inputs = tuple(t[rep] for t in inputs)
+        output = output[rep] if isinstance(output, Tensor) else output
+        assert fwd.classes is not None
+        target = ClassTarget(fwd.classes.reshape(-1))
+        scores = scores.reshape(-1)
+        acts = [a[rep] for a in acts]
+        grads = [None if g is None else g.transpose(0, 1).flatten(0, 1) for g in grads]
 
     # weights, sums and resampling in full precision even under the caller's autocast; the
     # model runs that methods ask for (ctx.score, ...) get the caller's autocast back
@@ -457,12 +491,20 @@ def _run(
         # normalised after upsampling (and fusion), so that every map spans exactly [0, 1]
         final = cam.normalize(final) if opts["normalize"] else final
     single = len(names) == 1
+
+    def per_sample(t: Tensor) -> Tensor:  # (N * K, ...) -> (N, K, ...)
+        return t.reshape(n, several, *t.shape[1:]) if several else t
+
     return CamResult(
-        maps=final.float(),
-        raw=raws[names[0]] if single else raws,
-        weights=weights_out[names[0]] if single else weights_out,
+        maps=per_sample(final.float()),
+        raw=per_sample(raws[names[0]]) if single else {k: per_sample(v) for k, v in raws.items()},
+        weights=(
+            per_sample(weights_out[names[0]])
+            if single
+            else {k: per_sample(v) for k, v in weights_out.items()}
+        ),
         targets=fwd.classes,
-        scores=scores,
+        scores=per_sample(scores),
         layer=names[0] if single else names,
         method=method.name,
     )

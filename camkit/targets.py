@@ -27,6 +27,7 @@ __all__ = [
     "SegmentationTarget",
     "SimilarityTarget",
     "Target",
+    "TopK",
     "as_target",
     "select_output",
 ]
@@ -169,6 +170,69 @@ def _accepts_two_args(fn: Callable[..., Any]) -> bool:
     return var or len(positional) >= 2
 
 
+class TopK:
+    """Several targets per sample: the ``k`` highest-scoring classes, best first.
+
+    Explaining it gives maps ``(N, k, *S)`` from one forward and one batched backward.
+    """
+
+    def __init__(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise TargetError(f"TopK expects a positive int, got {k!r}.")
+        self.k = k
+
+
+class MultiClassTarget(ClassTarget):
+    """Several classes per sample, ``classes`` ``(N, K)``; ``scores`` gives ``(M, K)``."""
+
+    def check(self, output: Any) -> None:
+        ClassTarget(self.classes.reshape(-1)).check(output)
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        logits = _logits(output)
+        return logits.gather(1, self.classes.to(logits.device)[index.to(logits.device)])
+
+
+def _several(target: Any, output: Any, n: int) -> MultiClassTarget | None:
+    """A :class:`MultiClassTarget` for ``TopK`` or ``N`` lists of ``K`` classes, else ``None``."""
+    if isinstance(target, TopK):
+        logits = _logits(output)
+        if target.k > logits.shape[1]:
+            raise TargetError(
+                f"TopK({target.k}) asks for more classes than the {logits.shape[1]} outputs."
+            )
+        return MultiClassTarget(logits.topk(target.k, dim=1).indices)
+    nested = isinstance(target, Tensor) and target.ndim == 2
+    nested |= (
+        isinstance(target, Sequence)
+        and not isinstance(target, str)
+        and len(target) > 0
+        and all(
+            (isinstance(t, Tensor) and t.ndim >= 1)
+            or (isinstance(t, Sequence) and not isinstance(t, str))
+            for t in target
+        )
+    )
+    if not nested:
+        return None
+    try:
+        classes = torch.as_tensor(
+            target if isinstance(target, Tensor) else [list(t) for t in target]
+        )
+    except (ValueError, TypeError) as exc:
+        raise TargetError(
+            f"several targets per sample expect N lists of the same length K; got {target!r}."
+        ) from exc
+    if classes.ndim != 2 or classes.shape[0] != n or classes.dtype.is_floating_point:
+        raise TargetError(
+            f"several targets per sample expect ints of shape ({n}, K); got shape "
+            f"{tuple(classes.shape)} of {classes.dtype}."
+        )
+    multi = MultiClassTarget(classes.to(device=_device(output), dtype=torch.long))
+    multi.check(output)
+    return multi
+
+
 def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
     """Wrap what the caller passed as ``target`` for a batch of ``n`` samples.
 
@@ -187,6 +251,9 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
         return ClassTarget(classes), classes
     if isinstance(target, bool):
         raise TargetError(f"target expects a class index, got the bool {target!r}.")
+    several = _several(target, output, n)
+    if several is not None:
+        return several, several.classes
     if isinstance(target, int):
         classes = torch.full((n,), target, dtype=torch.long, device=_device(output))
     elif isinstance(target, Tensor) or (

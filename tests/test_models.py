@@ -365,3 +365,25 @@ def test_channels_last_memory_format_and_torch_compile() -> None:
     compiled = torch.compile(model, backend="eager")
     res = camkit.explain(compiled, x, layer="conv", target=[0, 1])
     torch.testing.assert_close(res.maps, ref.maps)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "scorecam"])
+def test_several_targets_per_sample_equal_one_call_per_target(method: str) -> None:
+    torch.manual_seed(0)
+    model = Structured("tuple").eval()
+    x = torch.randn(2, 3, 6, 6)
+    calls = {"n": 0}
+    model.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+    res = camkit.explain(model, x, method=method, layer="conv", target=[[0, 2], [1, 0]])
+    if method != "scorecam":
+        assert calls["n"] == 1  # one forward, one batched backward
+    assert res.maps.shape == (2, 2, 6, 6) and res.raw.shape == (2, 2, 6, 6)
+    assert torch.equal(res.targets, torch.tensor([[0, 2], [1, 0]]))
+    for k in range(2):
+        one = camkit.explain(model, x, method=method, layer="conv", target=res.targets[:, k])
+        torch.testing.assert_close(res.maps[:, k], one.maps, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res.scores[:, k], one.scores)
+    top = camkit.explain(model, x, layer="conv", target=camkit.targets.TopK(3))
+    assert torch.equal(top.targets, model(x)[0].topk(3, dim=1).indices)
+    with pytest.raises(camkit.TargetError, match=r"\(2, K\)"):
+        camkit.explain(model, x, layer="conv", target=[[0, 1], [1, 2], [0, 0]])
