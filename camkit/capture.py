@@ -39,16 +39,27 @@ class Capture:
     Args:
         layers: ``(name, module)`` pairs to record.
         needs_gradients: build the autograd graph from the earliest target layer on, so that
-            :meth:`gradients` can differentiate a score with respect to the activations.
+            a score can be differentiated with respect to the activations.
+        transform: the model's input transform, when it resizes and pads its inputs
+            (torchvision's detection models): its output's geometry is recorded.
 
     After a forward, ``activations[name]`` holds each layer's output: a tensor in the graph
     when gradients are needed, a detached one otherwise.
     """
 
-    def __init__(self, layers: Sequence[tuple[str, nn.Module]], needs_gradients: bool) -> None:
+    def __init__(
+        self,
+        layers: Sequence[tuple[str, nn.Module]],
+        needs_gradients: bool,
+        transform: nn.Module | None = None,
+    ) -> None:
         self.layers = list(layers)
+        self.transform = transform
         self.needs_gradients = needs_gradients
         self.activations: dict[str, Tensor] = {}
+        #: ``(canvas, sizes)`` when the model resizes its inputs internally (torchvision's
+        #: detection ``transform``): the padded batch size and each image's resized size
+        self.geometry: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
         self._handles: list[RemovableHandle] = []
         self._token: Any = None
         self._grad_mode = True
@@ -58,6 +69,8 @@ class Capture:
         try:
             for name, module in self.layers:
                 self._handles.append(module.register_forward_hook(self._hook(name)))
+            if self.transform is not None:
+                self._handles.append(self.transform.register_forward_hook(self._geometry_hook))
             self._token = _ACTIVE.set(self)
             torch.set_grad_enabled(False)
         except BaseException:
@@ -111,6 +124,16 @@ class Capture:
             return output.clone()
 
         return hook
+
+    def _geometry_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _ACTIVE.get() is not self:
+            return
+        images = output[0] if isinstance(output, tuple) and output else output
+        tensors = getattr(images, "tensors", None)
+        sizes = getattr(images, "image_sizes", None)
+        if isinstance(tensors, Tensor) and sizes is not None:
+            canvas = (int(tensors.shape[-2]), int(tensors.shape[-1]))
+            self.geometry = (canvas, [(int(h), int(w)) for h, w in sizes])
 
     def missing(self) -> list[str]:
         """Names of target layers that did not run in the forward."""

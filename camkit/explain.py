@@ -322,6 +322,7 @@ class _Forward:
     activations: list[Tensor]  # per layer, detached, as the layer returned them
     gradients: list[Tensor | None]  # per layer, or None when not needed
     order: list[str]  # layer names in the order they ran
+    geometry: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
 
 
 def _forward(
@@ -337,7 +338,13 @@ def _forward(
     """One forward through a fresh capture; gradients of the scores to the layers if needed."""
     names = [name for name, _ in layers]
     m = int(inputs[0].shape[0])
-    with Capture(layers, needs_gradients=needs_gradients) as capture:
+    transform = getattr(model, "transform", None)  # torchvision detection resizes and pads
+    capture = Capture(
+        layers,
+        needs_gradients=needs_gradients,
+        transform=transform if isinstance(transform, nn.Module) else None,
+    )
+    with capture:
         raw_output = model(*inputs, **kwargs)
         missing = capture.missing()
         if missing:
@@ -386,6 +393,7 @@ def _forward(
         activations=[a.detach() for a in acts],
         gradients=grads,
         order=list(capture.activations),
+        geometry=capture.geometry,
     )
 
 
@@ -480,7 +488,10 @@ def _run(
             raws[name], weights_out[name] = raw, w.detach()
             m = raw
             if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
-                m = cam.upsample(m, spatial, opts["upsample"])
+                if fwd.geometry is not None:
+                    m = _through_resize(m, fwd.geometry, several, spatial, opts["upsample"])
+                else:
+                    m = cam.upsample(m, spatial, opts["upsample"])
             maps.append(m)
         if len(maps) > 1:
             size = max((tuple(m.shape[1:]) for m in maps), key=math.prod)
@@ -508,6 +519,27 @@ def _run(
         layer=names[0] if single else names,
         method=method.name,
     )
+
+
+def _through_resize(
+    maps: Tensor,
+    geometry: tuple[tuple[int, int], list[tuple[int, int]]],
+    several: int,
+    size: tuple[int, ...],
+    mode: str,
+) -> Tensor:
+    """Maps of a model that resized and padded its inputs, back onto the inputs.
+
+    The layer saw the padded canvas: each map is upsampled to the canvas, cropped to its image's
+    resized extent (the padding lies right and below), and resized to the input's size.
+    """
+    canvas, sizes = geometry
+    out = []
+    for i in range(maps.shape[0]):
+        h, w = sizes[i // several] if several else sizes[i]
+        full = cam.upsample(maps[i : i + 1], canvas, mode)
+        out.append(cam.upsample(full[:, :h, :w], size, mode))
+    return torch.cat(out)
 
 
 def _layout(name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...]) -> Layout | None:

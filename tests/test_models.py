@@ -387,3 +387,37 @@ def test_several_targets_per_sample_equal_one_call_per_target(method: str) -> No
     assert torch.equal(top.targets, model(x)[0].topk(3, dim=1).indices)
     with pytest.raises(camkit.TargetError, match=r"\(2, K\)"):
         camkit.explain(model, x, layer="conv", target=[[0, 1], [1, 2], [0, 0]])
+
+
+def test_maps_go_back_through_a_detector_resize() -> None:
+    from camkit.explain import _through_resize
+
+    # canvas 4x6 (padded right), the image filled 4x4 of it, the input was 8x8: the map's
+    # left 4 columns stretch over the input
+    maps = torch.zeros(1, 4, 6)
+    maps[0, :, 2] = 1.0  # a bright column inside the image
+    maps[0, :, 5] = 5.0  # the padding: cropped away
+    out = _through_resize(maps, ((4, 6), [(4, 4)]), 0, (8, 8), "nearest")
+    expected = torch.zeros(8, 8)
+    expected[:, 4:6] = 1.0
+    assert torch.equal(out[0], expected)
+
+
+def test_detection_model_end_to_end() -> None:
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=3,
+        box_score_thresh=0.0,
+        min_size=64,
+        max_size=96,
+    ).eval()
+    x = torch.rand(1, 3, 80, 100)
+    with torch.no_grad():
+        det = model(x)[0]
+    target = BoxTarget(det["boxes"][:1], det["labels"][:1])
+    res = camkit.explain(model, x, layer="backbone.body.layer4", target=target)
+    assert res.maps.shape == (1, 80, 100) and bool(torch.isfinite(res.maps).all())
+    assert float(res.scores[0]) == pytest.approx(float(det["scores"][0]), rel=1e-4)
