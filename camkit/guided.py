@@ -28,13 +28,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import InputError, ModelError
-from .explain import (
-    _buffers_kept,
-    _check_inputs,
-    explain,
-    scored_output,
-    unwrap,
-)
+from .explain import explain
+from .forward import _buffers_kept, _check_inputs, scored_output, unwrap
 from .layers import LayerSpec
 from .method import Method
 from .targets import as_target, select_output

@@ -390,7 +390,7 @@ def test_several_targets_per_sample_equal_one_call_per_target(method: str) -> No
 
 
 def test_maps_go_back_through_a_detector_resize() -> None:
-    from camkit.explain import _through_resize
+    from camkit.forward import _through_resize
 
     # canvas 4x6 (padded right), the image filled 4x4 of it, the input was 8x8: the map's
     # left 4 columns stretch over the input

@@ -1,0 +1,294 @@
+"""One captured forward, and what it needs: input checks, model state, gradients, layouts.
+
+:func:`_forward` runs the model once through a :class:`~camkit.capture.Capture`, turns the
+target into scores and, when asked, differentiates them to the target layers only. The helpers
+around it check the inputs, keep the model's buffers, unwrap wrappers, and turn a layer's output
+(and gradient) into channels-first maps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import cam
+from .capture import Capture
+from .errors import CamkitWarning, InputError, LayerError, TargetError
+from .layers import has_spatial_extent
+from .layout import Layout, layout_or_error
+from .targets import ClassTarget, MultiClassTarget, Target, select_output
+
+
+def _check_inputs(x: Any) -> tuple[Tensor, ...]:
+    inputs = x if isinstance(x, tuple) else (x,)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        got = type(x).__name__ if not isinstance(x, tuple) else [type(t).__name__ for t in x]
+        raise InputError(
+            f"x expects a tensor (N, C, *S) or a tuple of tensors; got {got}. Convert images "
+            "with torch.as_tensor(...) and stack them into a batch."
+        )
+    first = inputs[0]
+    if first.ndim < 2:
+        raise InputError(
+            f"x expects a batch (N, C, *S); got shape {tuple(first.shape)}. Add the batch "
+            "dimension with x.unsqueeze(0)."
+        )
+    if first.shape[0] == 0:
+        raise InputError(
+            f"x is an empty batch, shape {tuple(first.shape)}; pass at least one sample."
+        )
+    for i, t in enumerate(inputs):
+        # the sum is non-finite whenever an element is (or it overflows): the full check then
+        if (
+            t.is_floating_point()
+            and not bool(torch.isfinite(t.sum()))
+            and not bool(torch.isfinite(t).all())
+        ):
+            raise InputError(
+                f"input {i} holds NaN or infinite values; expected finite numbers. Check the "
+                "preprocessing (division by a zero std, an unreadable image)."
+            )
+    if torch.is_inference_mode_enabled():
+        raise InputError(
+            "camkit cannot compute maps inside torch.inference_mode(): it needs autograd from "
+            "the target layer on. Call it outside inference_mode (torch.no_grad() is fine)."
+        )
+    # inference tensors cannot enter autograd; a plain copy can
+    return tuple(t.clone() if t.is_inference() else t for t in inputs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``nn.DataParallel`` (explained on its own device, with a warning) or
+    inside ``torch.compile`` (explained eagerly: hooks and layer names are the original
+    module's)."""
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return unwrap(original)
+    if isinstance(model, nn.DataParallel):
+        warnings.warn(
+            "camkit explains the module inside nn.DataParallel on its own device (one "
+            "replica); layer names are those of model.module.",
+            CamkitWarning,
+            stacklevel=3,
+        )
+        inner: nn.Module = model.module
+        return inner
+    return model
+
+
+def scored_output(output: Any, target: Target, choice: Any) -> Any:
+    """What ``target`` scores: class targets the selected output (:func:`select_output`);
+    other targets the raw output, unless the caller chose a part with the ``output`` option."""
+    if choice is None and not isinstance(target, ClassTarget):
+        return output
+    return select_output(output, choice)
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer afterwards when some module is in training mode."""
+    if not any(m.training for m in model.modules()):
+        yield
+        return
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+#: Scale of the scores before a float16 backward, undone on the float32 gradients: small
+#: gradients would otherwise underflow to zero (as gradient scalers do for training).
+FLOAT16_SCALE = 2.0**12
+
+
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _gradients(scores: Tensor, acts: list[Tensor]) -> list[Tensor | None]:
+    """d(sum of scores)/d(activations); float16 layers get a scaled backward.
+
+    Scores ``(N, K)`` (several targets per sample) get one batched backward: gradients
+    ``(K, N, ...)``, one per target.
+    """
+
+    def grad(scale: float, retain: bool) -> tuple[Tensor | None, ...]:
+        if scores.ndim == 1:
+            return torch.autograd.grad(
+                scores.sum() * scale, acts, allow_unused=True, retain_graph=retain
+            )
+        k = scores.shape[1]
+        eye = torch.eye(k, dtype=scores.dtype, device=scores.device) * scale
+        outputs = eye[:, None, :].expand(k, *scores.shape)
+        return torch.autograd.grad(
+            scores,
+            acts,
+            grad_outputs=outputs,
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=retain,
+        )
+
+    if not any(a.dtype == torch.float16 for a in acts):
+        return list(grad(1.0, False))
+    scaled = grad(FLOAT16_SCALE, True)
+    if all(g is None or _finite(g) for g in scaled):
+        return [None if g is None else g.float() / FLOAT16_SCALE for g in scaled]
+    # the scaled gradients overflowed: the plain ones are the best float16 can give
+    return list(grad(1.0, False))
+
+
+@dataclass
+class _Forward:
+    """What one captured forward gives: the scored output, the target and per-layer tensors."""
+
+    output: Any
+    target: Target
+    classes: Tensor | None
+    scores: Tensor  # (N,) detached
+    activations: list[Tensor]  # per layer, detached, as the layer returned them
+    gradients: list[Tensor | None]  # per layer, or None when not needed
+    order: list[str]  # layer names in the order they ran
+    geometry: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
+
+
+def _forward(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    kwargs: Mapping[str, Any],
+    layers: list[tuple[str, nn.Module]],
+    needs_gradients: bool,
+    opts: Mapping[str, Any],
+    make_target: Callable[[Any], tuple[Target, Tensor | None]],
+    index: Tensor,
+) -> _Forward:
+    """One forward through a fresh capture; gradients of the scores to the layers if needed."""
+    names = [name for name, _ in layers]
+    m = int(inputs[0].shape[0])
+    transform = getattr(model, "transform", None)  # torchvision detection resizes and pads
+    capture = Capture(
+        layers,
+        needs_gradients=needs_gradients,
+        transform=transform if isinstance(transform, nn.Module) else None,
+    )
+    with capture:
+        raw_output = model(*inputs, **kwargs)
+        missing = capture.missing()
+        if missing:
+            raise LayerError(
+                f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward "
+                "on this input; choose layers the forward uses (camkit.layers(model, x))."
+            )
+        target, classes = make_target(select_output(raw_output, opts["output"]))
+        output = scored_output(raw_output, target, opts["output"])
+        scores = target.scores(output, index)
+        several = isinstance(target, MultiClassTarget)
+        if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
+            pass  # (M, K): several targets per sample
+        elif not isinstance(scores, Tensor) or scores.shape != (m,):
+            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise TargetError(f"the target must give one score per sample, ({m},); got {got}.")
+        acts = [capture.activations[name] for name in names]
+        grads: list[Tensor | None] = [None] * len(acts)
+        if needs_gradients:
+            if not scores.requires_grad:
+                raise LayerError(
+                    f"the target score does not depend on layer(s) {', '.join(names)}: no "
+                    "gradient flows from it to them. Choose a layer on the path to the scored "
+                    "output (camkit.layers(model, x))."
+                )
+            found = _gradients(scores, acts)
+            for name, a, g in zip(names, acts, found, strict=True):
+                if g is None:
+                    raise LayerError(
+                        f"the target score does not depend on layer {name!r}: no gradient "
+                        "flows to it. Choose a layer on the path to the scored output."
+                    )
+                for what, t in (("activations", a), ("gradients", g)):
+                    if not _finite(t):
+                        raise LayerError(
+                            f"layer {name!r} has non-finite {what} ({t.dtype}): the model "
+                            "overflows or divides by zero on this input. Check the input's "
+                            "preprocessing; for float16 models, try bfloat16 or float32."
+                        )
+            grads = list(found)
+    return _Forward(
+        output=output,
+        target=target,
+        classes=classes,
+        scores=scores.detach(),
+        activations=[a.detach() for a in acts],
+        gradients=grads,
+        order=list(capture.activations),
+        geometry=capture.geometry,
+    )
+
+
+def _through_resize(
+    maps: Tensor,
+    geometry: tuple[tuple[int, int], list[tuple[int, int]]],
+    several: int,
+    size: tuple[int, ...],
+    mode: str,
+) -> Tensor:
+    """Maps of a model that resized and padded its inputs, back onto the inputs.
+
+    The layer saw the padded canvas: each map is upsampled to the canvas, cropped to its image's
+    resized extent (the padding lies right and below), and resized to the input's size.
+    """
+    canvas, sizes = geometry
+    out = []
+    for i in range(maps.shape[0]):
+        h, w = sizes[i // several] if several else sizes[i]
+        full = cam.upsample(maps[i : i + 1], canvas, mode)
+        out.append(cam.upsample(full[:, :h, :w], size, mode))
+    return torch.cat(out)
+
+
+def _layout(name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...]) -> Layout | None:
+    """The layer's layout, or ``None`` when the caller's ``reshape`` takes its place."""
+    if reshape is not None:
+        return None
+    if a.ndim < 3:
+        _no_extent(name, a)
+    return layout_or_error(name, tuple(a.shape), input_spatial, int(a.shape[0]))
+
+
+def _no_extent(name: str, a: Tensor) -> None:
+    raise LayerError(
+        f"layer {name!r} gives an output of shape {tuple(a.shape)}, which has no spatial "
+        "extent to map: expected (N, C, *S) with more than one position. Choose an earlier "
+        "layer (before global pooling or flattening), or pass reshape=... for token outputs."
+    )
+
+
+def _prepare(
+    name: str,
+    a: Tensor,
+    g: Tensor | None,
+    reshape: Callable[[Tensor], Tensor] | None,
+    layout: Layout | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Activations and gradients as ``(N, C, *S)``, float32 for half-precision layers."""
+    a = a.detach()
+    if reshape is not None:
+        a = reshape(a)
+        g = reshape(g) if g is not None else None
+    elif layout is not None:
+        a = layout.to_maps(a)
+        g = layout.to_maps(g) if g is not None else None
+    if not has_spatial_extent(a):
+        _no_extent(name, a)
+    if a.dtype in (torch.float16, torch.bfloat16):  # weights and sums in float32
+        a = a.float()
+        g = g.float() if g is not None else None
+    return a, g
