@@ -110,6 +110,26 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
 FLOAT16_SCALE = 2.0**12
 
 
+def _non_finite(name: str, what: str, t: Tensor) -> str:
+    return (
+        f"layer {name!r} has non-finite {what} ({t.dtype}): the model overflows or divides by "
+        "zero on this input. Check the input's preprocessing; for float16 models, try bfloat16 "
+        "or float32."
+    )
+
+
+def _check_layer_output(name: str, a: Tensor, batch: int) -> None:
+    """The layer's output holds one row per sample (or is sequence-first) and is finite."""
+    if a.ndim >= 2 and a.shape[0] != batch and a.shape[1] != batch:
+        raise LayerError(
+            f"layer {name!r} gives an output of shape {tuple(a.shape)}, whose first dimension "
+            f"is not the batch size {batch}: it does not hold one map per sample (a detector's "
+            "region head works on proposals, for instance). Choose a layer of the backbone."
+        )
+    if not _finite(a):
+        raise LayerError(_non_finite(name, "activations", a))
+
+
 def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
@@ -188,9 +208,17 @@ def _forward(
                 f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward "
                 "on this input; choose layers the forward uses (camkit.layers(model, x))."
             )
+        for name in names:
+            _check_layer_output(name, capture.activations[name], m)
         target, classes = make_target(select_output(raw_output, opts["output"]))
         output = scored_output(raw_output, target, opts["output"])
         scores = target.scores(output, index)
+        if isinstance(scores, Tensor) and not _finite(scores):
+            raise TargetError(
+                f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}...): "
+                "the model overflows or divides by zero on this input. Check the input's "
+                "preprocessing; for float16 models, try bfloat16 or float32."
+            )
         several = isinstance(target, MultiClassTarget)
         if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
             pass  # (M, K): several targets per sample
@@ -207,19 +235,14 @@ def _forward(
                     "output (camkit.layers(model, x))."
                 )
             found = _gradients(scores, acts)
-            for name, a, g in zip(names, acts, found, strict=True):
+            for name, g in zip(names, found, strict=True):
                 if g is None:
                     raise LayerError(
                         f"the target score does not depend on layer {name!r}: no gradient "
                         "flows to it. Choose a layer on the path to the scored output."
                     )
-                for what, t in (("activations", a), ("gradients", g)):
-                    if not _finite(t):
-                        raise LayerError(
-                            f"layer {name!r} has non-finite {what} ({t.dtype}): the model "
-                            "overflows or divides by zero on this input. Check the input's "
-                            "preprocessing; for float16 models, try bfloat16 or float32."
-                        )
+                if not _finite(g):
+                    raise LayerError(_non_finite(name, "gradients", g))
             grads = list(found)
     return _Forward(
         output=output,

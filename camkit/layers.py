@@ -58,6 +58,8 @@ def maps_onto_input(t: Any, input_spatial: tuple[int, ...] | None, batch: int) -
     """``t`` has a recognised layout (see :mod:`camkit.layout`) with more than one position."""
     if not isinstance(t, Tensor) or t.ndim < 3:
         return False
+    if batch and t.shape[0] != batch and t.shape[1] != batch:
+        return False  # not one row per sample (a detector's proposals, say)
     if input_spatial is None:
         return has_spatial_extent(t)
     layout = infer_layout(tuple(t.shape), input_spatial, batch)

@@ -122,7 +122,7 @@ class FunctionTarget:
         self.takes_index = _accepts_two_args(fn)
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
-        m = _rows(output)
+        m = int(index.numel())
         if self.takes_index:
             result = self.fn(output, index)
         elif m == index.numel() and bool((index == torch.arange(m, device=index.device)).all()):

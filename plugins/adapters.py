@@ -14,7 +14,8 @@ the classifier pools, at the highest resolution that still sees the whole networ
   grid. Swin (v1, v2), which averages its tokens: the last stage's output (``features``, channels
   last).
 
-- Segmentation (FCN, DeepLabV3) with a ResNet backbone: ``backbone.layer4``.
+- Segmentation (FCN, DeepLabV3) with a ResNet backbone: ``backbone.layer4``; detection (Faster,
+  Mask and Keypoint R-CNN, RetinaNet, FCOS) with a ResNet body: ``backbone.body.layer4``.
 
 Other models get ``None``: camkit then searches them (see ``camkit.layers``).
 """
@@ -63,6 +64,9 @@ def torchvision_layer(model: nn.Module) -> str | None:
         return _last_relu(model.features)  # type: ignore[arg-type]
     if name in ("FCN", "DeepLabV3"):
         return _segmentation_layer(model)
+    if name in ("FasterRCNN", "MaskRCNN", "KeypointRCNN", "RetinaNet", "FCOS"):
+        body = getattr(getattr(model, "backbone", None), "body", None)
+        return "backbone.body.layer4" if body is not None and hasattr(body, "layer4") else None
     if name == "VisionTransformer":
         blocks = list(model.encoder.layers.named_children())  # type: ignore[union-attr]
         return f"encoder.layers.{blocks[-1][0]}.ln_1" if blocks else None

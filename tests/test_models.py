@@ -346,8 +346,19 @@ def test_non_finite_activations_are_an_error() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.conv(x * 1e30).exp().mean((2, 3)))
 
-    with pytest.raises(camkit.LayerError, match="non-finite"):
-        camkit.explain(Overflow(), torch.rand(1, 3, 4, 4) + 1, layer="conv", target=0)
+    torch.manual_seed(0)
+    model = Overflow()
+    x = torch.rand(1, 3, 4, 4) + 1
+    with torch.no_grad():
+        model.conv.weight.fill_(1e10)  # 3e40 at the layer: infinite in float32
+    for method in ("gradcam", "eigencam", "scorecam"):
+        with pytest.raises(camkit.LayerError, match="non-finite activations"):
+            camkit.explain(model, x, method=method, layer="conv", target=0)
+    with torch.no_grad():
+        model.conv.weight.fill_(1.0)  # finite at the layer (3e30), exp overflows after it
+    for method in ("gradcam", "eigencam"):
+        with pytest.raises(camkit.CamkitError, match="non-finite|not finite"):
+            camkit.explain(model, x, method=method, layer="conv", target=0)
 
 
 def test_channels_last_memory_format_and_torch_compile() -> None:
