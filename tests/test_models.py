@@ -357,7 +357,7 @@ def test_non_finite_activations_are_an_error() -> None:
     with torch.no_grad():
         model.conv.weight.fill_(1.0)  # finite at the layer (3e30), exp overflows after it
     for method in ("gradcam", "eigencam"):
-        with pytest.raises(camkit.CamkitError, match="non-finite|not finite"):
+        with pytest.raises(camkit.CamkitError, match=r"non-finite|not finite"):
             camkit.explain(model, x, method=method, layer="conv", target=0)
 
 

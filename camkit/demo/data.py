@@ -33,8 +33,11 @@ CLASSES = ("circle", "square", "triangle", "cross")
 #: Data splits, each its own family of random streams.
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
-_SIZES = {1: (13, 22), 2: (12, 18)}  # object extent in pixels (at size 64), by objects per scene
+_SIZES = {1: (15, 24), 2: (13, 19)}  # object extent in pixels (at size 64), by objects per scene
 _GAP = 4  # pixels between the bounding circles of the two objects of a scene
+_STRIPES = 0.12  # largest stripe amplitude per channel
+_NOISE = (0.02, 0.05)  # range of the noise's standard deviation
+_CONTRAST = 0.9  # smallest L1 distance of an object's colour from the background under it
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     theta = rng.uniform(0.0, math.pi)
     freq = rng.uniform(0.25, 1.0) * 64 / size  # radians per pixel
     wave = np.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta)) + rng.uniform(0, 7))
-    stripes = rng.uniform(-0.2, 0.2, 3)
+    stripes = rng.uniform(-_STRIPES, _STRIPES, 3)
     img = base + wave[..., None] * stripes
-    img = img + rng.normal(0.0, rng.uniform(0.02, 0.08), (size, size, 3))
+    img = img + rng.normal(0.0, rng.uniform(*_NOISE), (size, size, 3))
     return img.astype(np.float32)
 
 
@@ -99,10 +102,13 @@ def _clutter(rng: np.random.Generator, img: np.ndarray) -> None:
 def _rotated(points: np.ndarray, angle: float, center: tuple[float, float]) -> np.ndarray:
     c, s = math.cos(angle), math.sin(angle)
     rot = points @ np.array([[c, s], [-s, c]])
-    return np.rint(rot + np.asarray(center)).astype(np.int32)
+    out: np.ndarray = np.rint(rot + np.asarray(center)).astype(np.int32)
+    return out
 
 
-def _shape_mask(cls: int, center: tuple[float, float], extent: float, angle: float, size: int):
+def _shape_mask(
+    cls: int, center: tuple[float, float], extent: float, angle: float, size: int
+) -> np.ndarray:
     """The pixels of one object: ``(size, size)`` bool."""
     mask = np.zeros((size, size), np.uint8)
     r = extent / 2
@@ -145,7 +151,7 @@ def _object_color(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     for _ in range(20):
         c = rng.uniform(0.0, 1.0, 3)
         d = float(np.abs(c - ref).sum())
-        if d >= 0.6:
+        if d >= _CONTRAST:
             return c
         if d > best_d:
             best, best_d = c, d
