@@ -123,17 +123,17 @@ def _pointing_game(maps: np.ndarray, masks: np.ndarray) -> float:
     return float(_on(masks[:, 0], _peaks(maps)).mean())
 
 
-def _class_discrimination(maps: np.ndarray, masks: np.ndarray) -> float | None:
+def _class_discrimination(maps: np.ndarray, masks: np.ndarray) -> tuple[float | None, int]:
     """Maps ``(2P, H, W)``: the ``P`` scenes explained for their first object, then for their
-    second; masks ``(P, 2, H, W)``. ``None`` when no map's maximum falls on an object."""
-    p = masks.shape[0]
+    second; masks ``(P, 2, H, W)``. Returns the share and the number of maps counted (those
+    whose maximum falls on an object); the share is ``None`` when there are none."""
     peaks = _peaks(maps)
     own = np.concatenate([masks[:, 0], masks[:, 1]])
     other = np.concatenate([masks[:, 1], masks[:, 0]])
     on_own, on_other = _on(own, peaks), _on(other, peaks)
     counted = on_own | on_other
-    assert len(peaks) == 2 * p
-    return float(on_own[counted].mean()) if counted.any() else None
+    share = float(on_own[counted].mean()) if counted.any() else None
+    return share, int(counted.sum())
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,9 @@ def _table(
     rows: list[dict[str, object]],
     chance: float,
     accuracy: float,
-    counts: Mapping[str, int],
+    n_single: int,
+    n_pairs: int,
+    counted: Mapping[str, int],
     device: torch.device,
     seed: int,
 ) -> str:
@@ -214,16 +216,22 @@ def _table(
     )
     lines += [
         "",
-        f"Chance level: pointing game {chance:.2f} (the share of the image an object covers, "
-        f"averaged over the scenes), class discrimination 0.50.",
+        f"Chance level: pointing game {chance:.2f} (the share of the image an object's dilated "
+        "mask covers, averaged over the scenes: a maximum placed at random), class "
+        "discrimination 0.50 (a map that is the same for both classes).",
         "",
-        f"Pointing game: {counts['single']} held-out single-object scenes, each explained for "
+        f"Pointing game: {n_single} held-out single-object scenes, each explained for "
         "its class; the share of maps whose maximum falls on the object. Class discrimination: "
-        f"{counts['pairs']} held-out scenes holding two objects of different classes, each "
+        f"{n_pairs} held-out scenes holding two objects of different classes, each "
         "explained for both classes; among the maps whose maximum falls on either object, the "
         f"share on the object of the explained class. Object masks dilated by {DILATE} "
-        "pixel(s); a constant map has no maximum and counts as a miss. Time per image: wall "
+        f"pixel{'' if DILATE == 1 else 's'}; a constant map has no maximum and counts as a "
+        "miss. Time per image: wall "
         f"time of the method's explain calls divided by the maps they gave ({device.type}).",
+        "",
+        f"Maps counted for class discrimination (maximum on either object, of {2 * n_pairs}): "
+        + ", ".join(f"{m} {k}" for m, k in counted.items())
+        + ".",
         "",
         f"Model: the demo CNN, accuracy {accuracy:.2f} on these single-object scenes; layer "
         f"`{LAYER}`; seed {seed}." + (f" Options: {opts}." if opts else ""),
@@ -306,6 +314,7 @@ def run_demo(
     results: list[dict[str, object]] = []
     cells = [[_cell((pairs if r.pair else single).images[r.image], None)] for r in shown]
     overlays: dict[str, np.ndarray] = {}
+    counted: dict[str, int] = {}
     flag = progress if progress is not None else sys.stderr.isatty()
     with bar(len(canonical), "camkit demo", flag) as pbar:
         for method in canonical:
@@ -313,11 +322,12 @@ def run_demo(
             a = _explain(model, x_single, y_single, method, seed, dev)
             b = _explain(model, x_pairs, y_pairs, method, seed, dev)
             n_maps = len(a.maps) + len(b.maps)
+            discrimination, counted[method] = _class_discrimination(b.maps, masks_pairs)
             results.append(
                 {
                     "method": method,
                     "pointing game": _pointing_game(a.maps, masks_single),
-                    "class discrimination": _class_discrimination(b.maps, masks_pairs),
+                    "class discrimination": discrimination,
                     "time per image": (a.seconds + b.seconds) / n_maps * 1000.0,
                 }
             )
@@ -334,14 +344,7 @@ def run_demo(
         pad=GRID_PAD,
         font_scale=0.5,
     )
-    table = _table(
-        results,
-        chance,
-        accuracy,
-        {"single": len(single), "pairs": len(pairs)},
-        dev,
-        seed,
-    )
+    table = _table(results, chance, accuracy, len(single), len(pairs), counted, dev, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
