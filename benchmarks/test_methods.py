@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from camkit_plugins.scorecam import ScoreCAM
 from pytest_benchmark.fixture import BenchmarkFixture
 
 import camkit
@@ -31,6 +32,8 @@ from benchmarks._lib import (
     interleave,
     make_input,
 )
+from camkit.demo import load_demo_model
+from camkit.demo.data import generate
 
 GRADIENT_TARGET = 1.1
 ABLATION_TARGET = 2.5
@@ -87,7 +90,69 @@ def test_gradient_family_over_gradcam(
         assert not slow, f"over {GRADIENT_TARGET}x Grad-CAM: {', '.join(slow)}"
 
 
-def test_perturbation_methods_over_inference(
+def test_ablationcam_over_inference(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    model = build_model("resnet18")
+    x = make_input(1)
+    benchmark.group = "ablation resnet18-b1"
+    comparison = interleave(
+        benchmark,
+        ("ablationcam", lambda: _explain(model, x, "ablationcam")),
+        [
+            ("inference", lambda: inference(model, x)),
+            ("gradcam", lambda: _explain(model, x, "gradcam")),
+        ],
+        rounds=settings.rounds,
+        warmup=settings.warmup,
+        quiet=settings.quiet,
+    )
+    benchmark.extra_info.update(**environment(), **comparison.info("ablationcam", "inference"))
+    ablation = comparison.ratio("ablationcam", "inference")
+    report(f"ablationcam/inference {ablation.text()}  target <= {ABLATION_TARGET}")
+    report(f"gradcam/inference {comparison.ratio('gradcam', 'inference').text()}")
+    if not benchmark.disabled:
+        assert ablation.median <= ABLATION_TARGET
+
+
+def test_ablationcam_at_an_earlier_layer(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    """At ``layer3`` the suffix (``layer4``, pooling, ``fc``) is about a quarter of the model,
+    run for each of its 256 channels: reported, not gated."""
+    model = build_model("resnet18")
+    x = make_input(1)
+    benchmark.group = "ablation resnet18-b1 layer3"
+    comparison = interleave(
+        benchmark,
+        (
+            "ablationcam-layer3",
+            lambda: camkit.explain(model, x, method="ablationcam", layer="layer3", target=1),
+        ),
+        [("inference", lambda: inference(model, x))],
+        rounds=max(3, settings.rounds // 7),
+        warmup=1,
+        quiet=settings.quiet,
+    )
+    ratio = comparison.ratio("ablationcam-layer3", "inference")
+    benchmark.extra_info["ablationcam-layer3/inference"] = ratio.as_dict()
+    report(f"ablationcam at layer3 (256 channels)/inference {ratio.text()}")
+
+
+def _constant_channels(model: torch.nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """``(N, C)``: the channels whose activation map at ``layer`` is constant on ``x``."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    flat = seen[0].flatten(2)
+    return flat.amax(dim=2) == flat.amin(dim=2)
+
+
+def test_scorecam_over_inference_on_c_images(
     benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
 ) -> None:
     model = build_model("resnet18")
@@ -99,14 +164,11 @@ def test_perturbation_methods_over_inference(
         with torch.no_grad():
             return [model(x_many[i : i + 64]) for i in range(0, channels, 64)]
 
-    benchmark.group = "perturbation resnet18-b1"
+    benchmark.group = "score-cam resnet18-b1"
     comparison = interleave(
         benchmark,
-        ("ablationcam", lambda: _explain(model, x, "ablationcam")),
+        ("scorecam", lambda: _explain(model, x, "scorecam")),
         [
-            ("inference", lambda: inference(model, x)),
-            ("gradcam", lambda: _explain(model, x, "gradcam")),
-            ("scorecam", lambda: _explain(model, x, "scorecam")),
             ("inference_on_C_images", inference_on_c_images),
             ("sscam-n2", lambda: _explain(model, x, "sscam", n_samples=2)),
             ("iscam-n2", lambda: _explain(model, x, "iscam", n_samples=2)),
@@ -115,19 +177,62 @@ def test_perturbation_methods_over_inference(
         warmup=1,
         quiet=settings.quiet,
     )
-    benchmark.extra_info.update(**environment(), **comparison.info("ablationcam", "inference"))
-    ablation = comparison.ratio("ablationcam", "inference")
+    benchmark.extra_info.update(
+        **environment(), **comparison.info("scorecam", "inference_on_C_images")
+    )
+    constant = int(_constant_channels(model, LAYER, x).sum())
     scorecam = comparison.ratio("scorecam", "inference_on_C_images")
-    report(f"ablationcam/inference {ablation.text()}  target <= {ABLATION_TARGET}")
-    report(f"gradcam/inference {comparison.ratio('gradcam', 'inference').text()}")
-    report(f"scorecam/inference on C images {scorecam.text()}  target <= {SCORECAM_TARGET}")
+    report(
+        f"scorecam/inference on C images {scorecam.text()}  target <= {SCORECAM_TARGET}; "
+        f"{constant} of {channels} channels constant (scored once)"
+    )
     for name in ("sscam-n2", "iscam-n2"):
         report(
             f"{name}/inference on C images {comparison.ratio(name, 'inference_on_C_images').text()}"
         )
     if not benchmark.disabled:
-        assert ablation.median <= ABLATION_TARGET
         assert scorecam.median <= SCORECAM_TARGET
+
+
+class _EveryChannel(ScoreCAM):
+    """Score-CAM scoring every channel, constant ones too: the reference for the saving."""
+
+    name = "scorecam-every-channel"
+    skip_constant = False
+
+
+def test_scorecam_skipping_on_the_trained_demo_model(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    """On the demo's trained CNN (layer ``features``, 32 channels of 16x16): how many channels
+    are constant and skipped, and the time that saves; the maps are the same."""
+    model = load_demo_model()
+    x = generate(16, split="test", seed=3).tensor()
+    constant = _constant_channels(model, "features", x)
+
+    def run(method: str | camkit.Method) -> torch.Tensor:
+        return camkit.explain(model, x, method=method, layer="features", normalize=False).raw
+
+    every = _EveryChannel()
+    benchmark.group = "score-cam skipping, demo model"
+    comparison = interleave(
+        benchmark,
+        ("scorecam", lambda: run("scorecam")),
+        [("scorecam-every-channel", lambda: run(every))],
+        rounds=max(5, settings.rounds // 3),
+        warmup=1,
+        quiet=settings.quiet,
+    )
+    torch.testing.assert_close(run("scorecam"), run(every), rtol=1e-5, atol=1e-7)
+    ratio = comparison.ratio("scorecam", "scorecam-every-channel")
+    skipped, total = int(constant.sum()), constant.numel()
+    benchmark.extra_info["constant_channels"] = [skipped, total]
+    benchmark.extra_info["scorecam/every-channel"] = ratio.as_dict()
+    report(
+        f"{skipped} of {total} channel maps constant ({100 * skipped / total:.1f}%) on 16 "
+        f"test scenes; scorecam/every channel {ratio.text()} "
+        f"(time saved {100 * (1 - ratio.median):.1f}%)"
+    )
 
 
 @pytest.mark.quick

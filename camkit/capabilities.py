@@ -102,10 +102,9 @@ def _suffix_runner(
                 activations,
                 lambda o, idx: target.scores(scored_output(o, target, opts["output"]), idx),
                 opts["batch_size"],
+                layout.batch_dim,
             )
-        native = layout.to_native(
-            replacement.to(activations.dtype), activations[index.to(activations.device)]
-        )
+        native = layout.to_native(replacement.to(activations.dtype), activations, index)
         with autocast():
             return runner(native, index)
 
@@ -145,7 +144,8 @@ def _recapturer(
                     index[sl],
                 )
             act = fwd.activations[0]
-            layout = _layout(layer[0], act, opts["reshape"], tuple(batch[0].shape[2:]))
+            rows = int(batch[0][sl].shape[0])
+            layout = _layout(layer[0], act, opts["reshape"], tuple(batch[0].shape[2:]), rows)
             a, g = _prepare(layer[0], act, fwd.gradients[0], opts["reshape"], layout)
             acts.append(a)
             if g is not None:

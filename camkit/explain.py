@@ -26,6 +26,7 @@ from .augment import _run_augmented
 from .capabilities import _autocast_state, _recapturer, _scorer, _suffix_runner
 from .errors import InputError, LayerError, PluginError
 from .forward import (
+    _batch_rows,
     _buffers_kept,
     _check_inputs,
     _forward,
@@ -191,6 +192,14 @@ def explain(
         return ex(x, target=target)
 
 
+def _target_major(g: Tensor, a: Tensor, n: int) -> Tensor:
+    """Gradients ``(K, *a.shape)`` of ``K`` targets as ``N * K`` sample-major rows, on the batch
+    dimension of the activations ``a`` (0, or 1 for sequence-first tokens)."""
+    if a.ndim >= 2 and a.shape[0] != n and a.shape[1] == n:
+        return g.movedim(0, 2).flatten(1, 2)
+    return g.transpose(0, 1).flatten(0, 1)
+
+
 def _run(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
@@ -230,8 +239,10 @@ def _run(
         assert fwd.classes is not None
         target = ClassTarget(fwd.classes.reshape(-1))
         scores = scores.reshape(-1)
-        acts = [a[rep] for a in acts]
-        grads = [None if g is None else g.transpose(0, 1).flatten(0, 1) for g in grads]
+        grads = [
+            None if g is None else _target_major(g, a, n) for a, g in zip(acts, grads, strict=True)
+        ]
+        acts = [_batch_rows(a, rep, n) for a in acts]
 
     # weights, sums and resampling in full precision even under the caller's autocast; the
     # model runs that methods ask for (ctx.score, ...) get the caller's autocast back
@@ -245,7 +256,7 @@ def _run(
         raws: dict[str, Tensor] = {}
         weights_out: dict[str, Tensor] = {}
         for (name, module), act, grad in zip(layers, acts, grads, strict=True):
-            layout = _layout(name, act, opts["reshape"], spatial)
+            layout = _layout(name, act, opts["reshape"], spatial, int(inputs[0].shape[0]))
             activations, gradients = _prepare(name, act, grad, opts["reshape"], layout)
             ctx = Context(
                 model=model,

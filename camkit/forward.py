@@ -277,13 +277,23 @@ def _through_resize(
     return torch.cat(out)
 
 
-def _layout(name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...]) -> Layout | None:
+def _layout(
+    name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...], batch: int
+) -> Layout | None:
     """The layer's layout, or ``None`` when the caller's ``reshape`` takes its place."""
     if reshape is not None:
         return None
     if a.ndim < 3:
         _no_extent(name, a)
-    return layout_or_error(name, tuple(a.shape), input_spatial, int(a.shape[0]))
+    return layout_or_error(name, tuple(a.shape), input_spatial, batch)
+
+
+def _batch_rows(a: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """Rows ``rows`` of a layer's output with ``batch`` rows on dimension 0, or on dimension 1
+    (sequence-first tokens)."""
+    if a.ndim >= 2 and a.shape[0] != batch and a.shape[1] == batch:
+        return a.index_select(1, rows)
+    return a[rows]
 
 
 def _no_extent(name: str, a: Tensor) -> None:

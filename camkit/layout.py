@@ -54,16 +54,29 @@ class Layout:
         patches = tokens[:, self.extra :, :]
         return patches.transpose(1, 2).reshape(t.shape[1 if self.seq_first else 0], -1, *self.grid)
 
-    def to_native(self, maps: Tensor, original: Tensor) -> Tensor:
-        """Maps ``(M, C, *S)`` back in the layer's layout; ``original`` (its ``M`` rows, native
-        layout) provides what the maps do not hold (the extra tokens)."""
+    @property
+    def batch_dim(self) -> int:
+        """The dimension of the layer's output that holds the batch."""
+        return 1 if self.seq_first else 0
+
+    def to_native(self, maps: Tensor, native: Tensor, rows: Tensor) -> Tensor:
+        """Maps ``(M, C, *S)`` back in the layer's layout.
+
+        Args:
+            maps: ``(M, C, *S)``, row ``j`` a modified copy of sample ``rows[j]``.
+            native: the layer's output on the batch, in its own layout; for tokens it gives
+                the leading tokens the maps do not hold (only those rows are gathered).
+            rows: ``(M,)``.
+        """
         if self.kind == "channels_first":
             return maps
         if self.kind == "channels_last":
             return maps.movedim(1, -1)
-        patches = maps.flatten(2).transpose(1, 2)  # (M, P, C)
-        rows = original.transpose(0, 1) if self.seq_first else original
-        tokens = patches if self.extra == 0 else _cat(rows[:, : self.extra, :], patches)
+        tokens = maps.flatten(2).transpose(1, 2)  # (M, P, C)
+        if self.extra:
+            batch_first = native.transpose(0, 1) if self.seq_first else native
+            leading = batch_first[:, : self.extra, :][rows.to(native.device)]
+            tokens = _cat(leading, tokens)
         return tokens.transpose(0, 1) if self.seq_first else tokens
 
     def describe(self) -> str:

@@ -21,6 +21,7 @@ almost all the work. camkit runs the prefix once:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -54,40 +55,63 @@ class _Replay:
         rows: Tensor,
         replacement: Tensor,
         views: bool,
+        batch_dim: int,
+        copy_layer: bool,
+        borrow: bool = False,
     ) -> None:
         self.recorded, self.layer, self.n, self.views = recorded, layer, n, views
         self.rows, self.replacement = rows, replacement
+        self.batch_dim, self.copy_layer, self.borrow = batch_dim, copy_layer, borrow
         self.calls: dict[nn.Module, int] = {}
         single = bool((rows == rows[0]).all())
         self.single = int(rows[0]) if single else None
 
     def answer(self, module: nn.Module) -> Any:
         if module is self.layer:
-            return self.replacement.clone()  # in the layer's dtype (see SuffixRunner)
+            # in the layer's dtype (see SuffixRunner); a copy where the suffix writes into it
+            return self.replacement.clone() if self.copy_layer else self.replacement
         k = self.calls.get(module, 0)
         self.calls[module] = k + 1
         outs = self.recorded.get(module, [])
         return self.rows_of(outs[k]) if k < len(outs) else _MISSING
 
-    def rows_of(self, out: Any) -> Any:
-        """The replayed rows of a recorded value (tensors with ``n`` rows; structure kept)."""
+    def _dim(self, out: Tensor) -> int | None:
+        """The batch dimension of a recorded tensor; ``None``: not per sample, kept whole."""
+        first = out.ndim > 0 and out.shape[0] == self.n
+        if self.batch_dim == 1 and out.ndim > 1 and out.shape[1] == self.n:
+            if first:  # (N, N, ...) in a sequence-first model: the replay cannot tell
+                raise ValueError(
+                    f"a recorded value of shape {tuple(out.shape)} has the batch size on "
+                    "both of its first two dimensions"
+                )
+            return 1
+        return 0 if first else None
+
+    def rows_of(self, out: Any, dim: int | None = None) -> Any:
+        """The replayed rows of a recorded value (tensors with ``n`` rows on their batch
+        dimension, or on ``dim``; structure kept)."""
         if isinstance(out, Tensor):
-            if out.ndim == 0 or out.shape[0] != self.n:
+            d = self._dim(out) if dim is None else dim
+            if d is None:
                 return out
             m = int(self.rows.shape[0])
             if self.single is not None and (m == 1 or self.views):
                 # copies of one sample: a broadcast view costs nothing when the value is not
                 # used (the layer's own input); writing into it in place raises, and the
                 # chunk is then replayed with gathered rows
-                one = out[self.single : self.single + 1]
-                return one.clone() if m == 1 else one.expand(m, *out.shape[1:])
-            return out[self.rows]
+                one = out.narrow(d, self.single, 1)
+                if m == 1:  # a view only where the caller watches the record (the check)
+                    return one if self.borrow else one.clone()
+                shape = list(out.shape)
+                shape[d] = m
+                return one.expand(shape)
+            return out.index_select(d, self.rows)
         if isinstance(out, tuple):
-            return tuple(self.rows_of(o) for o in out)
+            return tuple(self.rows_of(o, dim) for o in out)
         if isinstance(out, list):
-            return [self.rows_of(o) for o in out]
+            return [self.rows_of(o, dim) for o in out]
         if isinstance(out, dict):
-            return {k: self.rows_of(v) for k, v in out.items()}
+            return {k: self.rows_of(v, dim) for k, v in out.items()}
         return out
 
 
@@ -161,7 +185,7 @@ def _record(
     token = _RECORDING.set(owner)
     handles = []
     try:
-        for m in model.modules():
+        for m in _candidates(model, layer):
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
         run()
@@ -177,6 +201,46 @@ def _record(
     return recorded
 
 
+def _candidates(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
+    """The modules whose calls can be maximal prefix calls: the layer's ancestors in the module
+    tree, their children and the layer. Hooking only these keeps the record forward close to a
+    plain one; a prefix call elsewhere (a module called outside its parent) is recomputed by
+    the replay, which is exact. Every module where the layer is not in the tree."""
+    parents: dict[nn.Module, nn.Module] = {}
+    for m in model.modules():
+        for child in m.children():
+            parents.setdefault(child, m)
+    if layer is not model and layer not in parents:
+        return list(model.modules())
+    chain = [layer]
+    while chain[-1] is not model and chain[-1] in parents:
+        chain.append(parents[chain[-1]])
+    found = dict.fromkeys(chain)
+    for m in chain[1:]:
+        found.update(dict.fromkeys(m.children()))
+    return list(found)
+
+
+def _versions(recorded: dict[nn.Module, list[Any]]) -> list[int]:
+    """The version counters of every recorded tensor (they change when written into)."""
+    found: list[int] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Tensor):
+            found.append(value._version)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    for outs in recorded.values():
+        for out in outs:
+            walk(out)
+    return found
+
+
 class SuffixRunner:
     """Scores of the model with the layer's output replaced; the prefix runs once per call.
 
@@ -188,6 +252,8 @@ class SuffixRunner:
         activations: ``(N, C, *S)`` the layer's output on ``inputs``.
         score: ``score(output, index) -> (M,)``: selects the output and applies the target.
         batch_size: rows per replay.
+        batch_dim: the dimension of the layer's output that holds the batch (1 for
+            sequence-first tokens).
     """
 
     def __init__(
@@ -199,33 +265,47 @@ class SuffixRunner:
         activations: Tensor,
         score: Callable[[Any, Tensor], Tensor],
         batch_size: int,
+        batch_dim: int = 0,
     ) -> None:
         self.model, self.inputs, self.kwargs = model, inputs, kwargs
         self.name, self.layer = layer
         self.activations, self.score, self.batch_size = activations, score, batch_size
+        self.batch_dim = batch_dim
         self.recorded: dict[nn.Module, list[Any]] | None = None
         self.fast: bool | None = None  # None until checked
         self.views = True  # broadcast views of recorded values for copies of one sample
+        self.copy_layer = True  # until the check shows the suffix never writes into it
         self.fallback_reason = ""
 
     def __call__(self, activations: Tensor, index: Tensor) -> Tensor:
+        """Scores ``(M,)`` of copies ``activations`` (the layer's layout, ``M`` rows on the
+        batch dimension) of samples ``index`` ``(M,)``."""
         index = index.to(self.inputs[0].device)
+        bd, total = self.batch_dim, int(index.shape[0])
         with hooks_paused(), torch.no_grad():
             if self.fast is None:
-                self._check(activations[0], index[0])
+                self._check(activations.select(bd, 0), index[0])
             out = []
-            for start in range(0, int(index.shape[0]), self.batch_size):
-                sl = slice(start, start + self.batch_size)
-                if self.fast:
-                    try:
-                        out.append(self._replay_chunk(activations[sl], index[sl]))
-                        continue
-                    except CamkitError:
-                        raise
-                    except Exception as exc:  # not valid for this model after all
-                        self._fall_back(f"the replay raised {type(exc).__name__}: {exc}")
-                out.append(self._full(activations[sl], index[sl]))
+            with self._patches():
+                for start in range(0, total, self.batch_size):
+                    part = activations.narrow(bd, start, min(self.batch_size, total - start))
+                    rows = index[start : start + self.batch_size]
+                    if self.fast:
+                        try:
+                            out.append(self._replay_chunk(part, rows))
+                            continue
+                        except CamkitError:
+                            raise
+                        except Exception as exc:  # not valid for this model after all
+                            self._fall_back(f"the replay raised {type(exc).__name__}: {exc}")
+                    out.append(self._full(part, rows))
         return torch.cat(out)
+
+    def _patches(self) -> contextlib.AbstractContextManager[None]:
+        """Replay dispatch on the recorded modules and the layer, for a whole call."""
+        if not self.fast or self.recorded is None:
+            return contextlib.nullcontext()
+        return _patched([*self.recorded, self.layer])
 
     def _full(self, activations: Tensor, rows: Tensor) -> Tensor:
         """Exact for any model: the whole forward on the copies' own samples."""
@@ -243,47 +323,78 @@ class SuffixRunner:
                 self.views = False  # the forward writes in place into a recorded value
         return self._replay(activations, rows)
 
-    def _replay(self, activations: Tensor, rows: Tensor) -> Tensor:
+    def _replay(self, activations: Tensor, rows: Tensor, borrow: bool = False) -> Tensor:
+        """Scores of the copies; the recorded modules and the layer must be patched.
+        ``borrow``: a single copy sees views of the recorded values, not copies."""
         assert self.recorded is not None
         n = int(self.inputs[0].shape[0])
         replacement = activations.to(self.activations.dtype)
-        replay = _Replay(self.recorded, self.layer, n, rows, replacement, self.views)
-        batch = tuple(replay.rows_of(t) for t in self.inputs)
+        replay = _Replay(
+            self.recorded,
+            self.layer,
+            n,
+            rows,
+            replacement,
+            self.views,
+            self.batch_dim,
+            self.copy_layer,
+            borrow,
+        )
+        batch = tuple(replay.rows_of(t, 0) for t in self.inputs)  # inputs are batch first
         token = _REPLAY.set(replay)
         try:
-            with _patched([*self.recorded, self.layer]):
-                o = self.model(*batch, **self.kwargs)
+            o = self.model(*batch, **self.kwargs)
         finally:
             _REPLAY.reset(token)
         return self.score(o, rows).detach()
 
     def _check(self, copy: Tensor, row: Tensor) -> None:
-        """Record the prefix and the exact score of one copy; replay that copy and compare."""
+        """Record the prefix and the exact score of one copy; replay that copy and compare.
+
+        The replay of the check gets its own copy of the layer's output, and later replays
+        hand the method's tensor to the model without copying it unless this one was written
+        into (an in-place operation right after the layer)."""
+        bd = self.batch_dim
         replacement = self.activations.clone()
-        replacement[int(row)] = copy
+        replacement.select(bd, int(row)).copy_(copy)
+        n = int(self.inputs[0].shape[0])
+        rows = row.reshape(1)
         outputs: list[Any] = []
 
         def run() -> None:
             with output_replaced(self.layer, replacement):
                 outputs.append(self.model(*self.inputs, **self.kwargs))
 
-        self.recorded = _record(self.model, self.layer, run)
-        n = int(self.inputs[0].shape[0])
-        exact = self.score(outputs[0], torch.arange(n, device=row.device))[int(row)].reshape(1)
-        rows = row.reshape(1)
-        try:
-            fast = self._replay(copy.unsqueeze(0), rows)
-            tol = 1e-4 * max(1.0, float(exact.abs().max()))
-            gap = float((fast - exact).abs().max())
-            same = bool(torch.isfinite(fast).all()) and gap <= tol
-            reason = (
-                f"the replayed score {float(fast[0]):.8g} differs from a full forward's "
-                f"{float(exact[0]):.8g} by {gap:.3g}, over the tolerance {tol:.3g}"
-            )
-        except CamkitError:
-            raise  # the caller's mistake (a target, an option), not the replay's
-        except Exception as exc:  # any other failure of the replay: not valid for this model
-            same, reason = False, f"the replay raised {type(exc).__name__}: {exc}"
+        # the replay borrows the recorded values; if it writes into them, record again and
+        # replay on copies
+        for borrow in (True, False):
+            outputs.clear()
+            self.recorded = _record(self.model, self.layer, run)
+            exact = self.score(outputs[0], torch.arange(n, device=row.device))[int(row)]
+            exact = exact.reshape(1)
+            before = _versions(self.recorded)
+            try:
+                own = copy.unsqueeze(bd).to(self.activations.dtype, copy=True)
+                version = own._version
+                self.copy_layer = False
+                with _patched([*self.recorded, self.layer]):
+                    fast = self._replay(own, rows, borrow)
+                self.copy_layer = own._version != version
+            except CamkitError:
+                raise  # the caller's mistake (a target, an option), not the replay's
+            except Exception as exc:  # any other failure of the replay: not valid here
+                self.fast = False
+                self._fall_back(f"the replay raised {type(exc).__name__}: {exc}")
+                return
+            if _versions(self.recorded) == before:
+                break
+        tol = 1e-4 * max(1.0, float(exact.abs().max()))
+        gap = float((fast - exact).abs().max())
+        same = bool(torch.isfinite(fast).all()) and gap <= tol
+        reason = (
+            f"the replayed score {float(fast[0]):.8g} differs from a full forward's "
+            f"{float(exact[0]):.8g} by {gap:.3g}, over the tolerance {tol:.3g}"
+        )
         self.fast = same
         if not same:
             self._fall_back(reason)

@@ -67,12 +67,16 @@ class AblationCAM(camkit.Method):
         with bar(int(live.sum()), "ablation-cam", ctx.options) as progress:
             for i in range(n):
                 channels = live[i].nonzero().flatten()
+                # one buffer of copies per sample: each chunk zeroes its channels, then puts
+                # them back (no new chunk-sized tensor per chunk)
+                copies = a[i].expand(min(chunk, len(channels)), *a.shape[1:]).clone()
                 for start in range(0, int(channels.numel()), chunk):
                     ks = channels[start : start + chunk]
-                    copies = a[i].expand(len(ks), *a.shape[1:]).clone()
-                    copies[torch.arange(len(ks), device=device), ks] = 0
+                    rows = torch.arange(len(ks), device=device)
+                    copies[rows, ks] = 0
                     index = torch.full((len(ks),), i, dtype=torch.long, device=device)
-                    scores = ctx.run_suffix(copies, index)
+                    scores = ctx.run_suffix(copies[: len(ks)], index)
+                    copies[rows, ks] = a[i, ks]
                     drops[i, ks] = ctx.scores[i].to(a.dtype) - scores.to(a.dtype)
                     progress.update(len(ks))
         y = ctx.scores.to(a.dtype)

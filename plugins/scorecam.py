@@ -66,6 +66,8 @@ class _MaskScore(camkit.Method):
 
     needs_gradients = False
     class_discriminative = True
+    #: Score constant channels once (exact); ``False`` scores every channel, for comparisons.
+    skip_constant = True
 
     def _draws(self, ctx: camkit.Context) -> list[Callable[[Tensor, Tensor], Tensor]]:
         """For each draw, ``(x (1, C_in, *S), masks (K, 1, *S)) -> (K, C_in, *S)``; a channel's
@@ -91,6 +93,8 @@ class _MaskScore(camkit.Method):
         # a constant map (all zeros after ReLU, typically) upsamples to a constant, whose
         # normalised mask is all zero: those channels share the zero-masked input's score
         constant = flat.amax(dim=2) == flat.amin(dim=2)  # (N, C)
+        if not self.skip_constant:
+            constant = torch.zeros_like(constant)
         scores = torch.zeros(n, c, dtype=torch.float64, device=a.device)
         with bar(n * c * len(draws), self.name, ctx.options) as progress:
             for i in range(n):

@@ -30,7 +30,9 @@ class Ablate(camkit.Method):
         copies = a[index].clone()
         copies[torch.arange(n * k), torch.arange(k).repeat(n)] = 0  # zero channel j of copy j
         seen = type(self).seen
+        kept = copies.clone()
         seen["suffix"] = ctx.run_suffix(copies, index)
+        seen["copies kept"] = torch.equal(copies, kept)  # in-place ops after the layer
         # the reference: the whole model per copy, the layer's output replaced
         from camkit.capture import hooks_paused, output_replaced
 
@@ -58,6 +60,7 @@ def test_replay_equals_full_reruns_with_inplace_and_residuals(layer: str, batch_
     before = snapshot(model)
     seen = _run(model, torch.randn(3, 3, 8, 8), layer, batch_size=batch_size)
     torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-5, atol=1e-5)
+    assert seen["copies kept"]
     assert_unchanged(before, model)
     assert hook_count(model) == 0
     assert not any("forward" in m.__dict__ for m in model.modules())
@@ -172,3 +175,83 @@ def test_a_target_error_is_not_mistaken_for_an_invalid_replay() -> None:
             layer="bn",
             target=lambda out: out[:, 0],
         )
+
+
+class RewritesThePrefix(nn.Module):
+    """After the layer, the forward applies ReLU in place to a value from before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.conv(x)
+        h = self.layer(p)
+        p.relu_()  # writes into the recorded value; idempotent, so the replay stays valid
+        return self.fc((h + p).mean((2, 3)))
+
+
+def test_a_replay_writing_into_recorded_values_records_again_and_stays_fast() -> None:
+    torch.manual_seed(0)
+    model = RewritesThePrefix().eval()
+    seen = _run(model, torch.randn(1, 3, 6, 6), "layer")  # a fallback would warn (an error)
+    torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-5, atol=1e-6)
+    assert seen["copies kept"]
+
+
+class SequenceFirst(nn.Module):
+    """Patch tokens with a class token through two encoder layers, ``(T, N, C)`` or
+    ``(N, T, C)``; the second layer mixes the tokens, and the class token is scored."""
+
+    def __init__(self, seq_first: bool) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)  # 16x16 -> 4x4 patches
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        kw: dict[str, Any] = {"dropout": 0.0, "batch_first": not seq_first}
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, **kw)
+        self.mix = nn.TransformerEncoderLayer(8, 2, 16, **kw)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, 16, 8)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1)  # (N, 17, 8)
+        if self.seq_first:
+            t = t.transpose(0, 1)
+        h = self.mix(self.block(t))
+        return self.head(h[0] if self.seq_first else h[:, 0])
+
+
+def test_sequence_first_tokens_replay_per_sample() -> None:
+    # the same weights laid out (T, N, C) and (N, T, C) give the same Ablation-CAM weights,
+    # each sample its own (a replay gathering the wrong dimension would mix them up)
+    torch.manual_seed(0)
+    batch_first = SequenceFirst(seq_first=False).eval()
+    seq_first = SequenceFirst(seq_first=True).eval()
+    seq_first.load_state_dict(batch_first.state_dict())
+    x = torch.randn(3, 3, 16, 16)
+    results = [
+        camkit.explain(m, x, method="ablationcam", layer="block", target=[0, 1, 2], batch_size=5)
+        for m in (batch_first, seq_first)
+    ]
+    torch.testing.assert_close(results[1].weights, results[0].weights, rtol=1e-4, atol=1e-6)
+    assert results[0].weights.abs().amax(dim=1).min() > 0  # every sample has non-zero weights
+    assert not torch.allclose(results[0].weights[0], results[0].weights[1])
+
+
+def test_sequence_first_tokens_with_several_targets_per_sample() -> None:
+    torch.manual_seed(0)
+    batch_first = SequenceFirst(seq_first=False).eval()
+    seq_first = SequenceFirst(seq_first=True).eval()
+    seq_first.load_state_dict(batch_first.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    for method in ("gradcam", "ablationcam"):
+        results = [
+            camkit.explain(m, x, method=method, layer="block", target=camkit.targets.TopK(2))
+            for m in (batch_first, seq_first)
+        ]
+        assert results[0].maps.shape == (2, 2, 16, 16)
+        torch.testing.assert_close(results[1].maps, results[0].maps, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[1].weights, results[0].weights, rtol=1e-4, atol=1e-6)
