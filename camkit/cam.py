@@ -55,7 +55,9 @@ def principal_component(values: Tensor, center: bool = True) -> Tensor:
     centred over positions (unless ``center=False``) and projected on its first right singular
     vector, giving ``(P,)``. A singular vector's sign is arbitrary; it is chosen so that the
     projection correlates positively with the channel sum (the plain, unit-weight map), so maps
-    do not flip between BLAS builds. Batched with ``torch.linalg.svd`` on the device.
+    do not flip between BLAS builds. Batched on the device: the top eigenvector of the smaller
+    of the ``(P, P)`` and ``(C, C)`` Gram matrices in float64 (``torch.linalg.eigh``), which
+    gives the same projection as a singular value decomposition at a fraction of its cost.
 
     Args:
         values: ``(N, C, *S)``.
@@ -68,8 +70,14 @@ def principal_component(values: Tensor, center: bool = True) -> Tensor:
     mat = values.flatten(2).transpose(1, 2)  # (N, P, C)
     if center:
         mat = mat - mat.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(mat, full_matrices=False)
-    proj = torch.einsum("npc,nc->np", mat, vh[:, 0, :])  # (N, P)
+    wide = mat.double()
+    if mat.shape[1] <= mat.shape[2]:  # fewer positions than channels: (P, P)
+        values_, vectors = torch.linalg.eigh(wide @ wide.transpose(1, 2))
+        # mat v = sigma u, with sigma^2 the top eigenvalue and u its eigenvector
+        proj = (vectors[..., -1] * values_[..., -1:].clamp_min(0).sqrt()).to(mat.dtype)
+    else:  # (C, C): the top right singular vector v directly
+        _, vectors = torch.linalg.eigh(wide.transpose(1, 2) @ wide)
+        proj = torch.einsum("npc,nc->np", wide, vectors[..., -1]).to(mat.dtype)  # (N, P)
     plain = values.flatten(2).sum(dim=1)
     corr = ((proj - proj.mean(1, keepdim=True)) * (plain - plain.mean(1, keepdim=True))).sum(1)
     sign = torch.where(corr < 0, -1.0, 1.0).to(proj.dtype)

@@ -16,8 +16,8 @@ same whatever class is asked for. Eigen-Grad-CAM depends on the class through ``
 Departures from the paper: camkit centres the matrix over positions by default (principal
 component analysis proper); the paper's uncentred projection is ``center=False``. The sign of a
 singular vector is arbitrary; camkit orients it so that the projection correlates positively with
-the channel sum, so maps do not flip between BLAS builds. Batched on the device with
-``torch.linalg.svd``.
+the channel sum, so maps do not flip between BLAS builds. Batched on the device, through the
+smaller Gram matrix (see :func:`camkit.cam.principal_component`).
 """
 
 from __future__ import annotations

@@ -60,6 +60,25 @@ def test_eigen_combine_is_the_first_component_with_a_fixed_sign() -> None:
         torch.testing.assert_close(out[n].flatten(), proj)
 
 
+@pytest.mark.parametrize("shape", [(3, 16, 5, 4), (3, 6, 4, 5)])  # P <= C and C < P
+@pytest.mark.parametrize("center", [True, False])
+def test_principal_component_matches_a_float64_svd(shape: tuple[int, ...], center: bool) -> None:
+    # both Gram routes (positions x positions, channels x channels) against the projection on
+    # the first right singular vector, sign-matched to the channel sum
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    got = cam.principal_component(values, center=center)
+    for i in range(shape[0]):
+        mat = values[i].flatten(1).T.double()  # (P, C)
+        if center:
+            mat = mat - mat.mean(0)
+        _, _, vh = torch.linalg.svd(mat, full_matrices=False)
+        proj = mat @ vh[0]
+        plain = values[i].double().sum(0).flatten()
+        if float(((proj - proj.mean()) * (plain - plain.mean())).sum()) < 0:
+            proj = -proj
+        torch.testing.assert_close(got[i].flatten().double(), proj, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dims,size", [(1, (20,)), (2, (10, 12)), (3, (6, 8, 4))])
 def test_explain_1d_2d_3d(dims: int, size: tuple[int, ...]) -> None:
     model = TinyCNN(dims=dims).eval()
