@@ -74,7 +74,8 @@ def principal_component(values: Tensor, center: bool = True) -> Tensor:
     if mat.shape[1] <= mat.shape[2]:  # fewer positions than channels: (P, P)
         values_, vectors = torch.linalg.eigh(wide @ wide.transpose(1, 2))
         # mat v = sigma u, with sigma^2 the top eigenvalue and u its eigenvector
-        proj = (vectors[..., -1] * values_[..., -1:].clamp_min(0).sqrt()).to(mat.dtype)
+        top: Tensor = vectors[..., -1] * values_[..., -1:].clamp_min(0).sqrt()
+        proj = top.to(mat.dtype)
     else:  # (C, C): the top right singular vector v directly
         _, vectors = torch.linalg.eigh(wide.transpose(1, 2) @ wide)
         proj = torch.einsum("npc,nc->np", wide, vectors[..., -1]).to(mat.dtype)  # (N, P)
