@@ -29,7 +29,7 @@ from .options import COMMON_OPTIONS
 from .registry import Registry, default_registry, list_methods
 from .result import CamResult
 from .targets import ClassTarget, Target
-from .viz import overlay
+from .viz import grid, overlay, save_image
 
 #: The type of the ``register`` callback a plugin's ``register_methods`` receives.
 Register = Callable[[Method], None]
@@ -60,10 +60,12 @@ __all__ = [
     "__version__",
     "default_registry",
     "explain",
+    "grid",
     "guided_backprop",
     "guided_gradcam",
     "hookimpl",
     "layers",
     "list_methods",
     "overlay",
+    "save_image",
 ]

@@ -7,6 +7,8 @@ received and what to do about it.
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from collections.abc import Iterable
 
 __all__ = [
@@ -84,3 +86,21 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     if not found:
         return ""
     return " Did you mean " + ", ".join(repr(f) for f in found) + "?"
+
+
+_OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that points at the first frame outside camkit and
+    its built-in plugins, so a warning names the caller's line whatever the call depth."""
+    own: tuple[str, ...] = _OWN_DIRS
+    plugins = sys.modules.get("camkit_plugins")  # the built-ins, once loaded
+    if plugins is not None and plugins.__file__:
+        own = (*own, os.path.dirname(os.path.abspath(plugins.__file__)) + os.sep)
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(own):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import cam
 from .capture import Capture
-from .errors import CamkitWarning, InputError, LayerError, TargetError
+from .errors import CamkitWarning, InputError, LayerError, TargetError, user_stacklevel
 from .layers import has_spatial_extent
 from .layout import Layout, layout_or_error
 from .targets import ClassTarget, MultiClassTarget, Target, select_output
@@ -75,7 +75,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             "camkit explains the module inside nn.DataParallel on its own device (one "
             "replica); layer names are those of model.module.",
             CamkitWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         inner: nn.Module = model.module
         return inner

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import hooks_paused, output_replaced
-from .errors import CamkitError, CamkitWarning
+from .errors import CamkitError, CamkitWarning, user_stacklevel
 
 __all__ = ["SuffixRunner"]
 
@@ -408,5 +408,5 @@ class SuffixRunner:
             "the layer besides its output, is random, or is in train mode. Falling back to "
             "full re-runs, which are exact but slower.",
             CamkitWarning,
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )

@@ -297,8 +297,9 @@ def test_dataparallel_is_unwrapped_with_a_warning() -> None:
     x = torch.randn(2, 3, 6, 6)
     ref = camkit.explain(inner, x, layer="conv", target=[0, 1])
     before = snapshot(inner)
-    with pytest.warns(camkit.CamkitWarning, match="DataParallel"):
+    with pytest.warns(camkit.CamkitWarning, match="DataParallel") as warned:
         res = camkit.explain(nn.DataParallel(inner), x, layer="conv", target=[0, 1])
+    assert warned[0].filename == __file__  # the warning names the caller's line
     torch.testing.assert_close(res.maps, ref.maps)
     assert_unchanged(before, inner)
 

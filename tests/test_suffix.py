@@ -104,6 +104,10 @@ def test_prefix_side_effect_falls_back_with_a_warning() -> None:
     with pytest.warns(camkit.CamkitWarning, match="Falling back to full re-runs"):
         seen = _run(model, torch.randn(3, 3, 6, 6), "layer")
     torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-5, atol=1e-5)
+    # a built-in method's fallback warning names the caller's line, not camkit's
+    with pytest.warns(camkit.CamkitWarning, match="Falling back") as warned:
+        camkit.explain(model, torch.randn(3, 3, 6, 6), method="ablationcam", layer="layer")
+    assert warned[0].filename == __file__
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
