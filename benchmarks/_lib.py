@@ -54,7 +54,7 @@ class Settings:
 # -- cases -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """A model and batch size; ``required`` cases are the issue's figures and carry its gates."""
+    """A model and batch size; ``required`` cases are the required figures and carry their gates."""
 
     model: str
     batch: int

@@ -1,6 +1,6 @@
 """GPU throughput: images per second of Grad-CAM and of no-grad inference, CUDA.
 
-The issue's figure: resnet50, batch 64, 224x224, layer ``layer4``, in float32 and under
+The required figure: resnet50, batch 64, 224x224, layer ``layer4``, in float32 and under
 bfloat16 autocast: Grad-CAM's throughput is at least :data:`TARGET` times inference's. Both
 run interleaved in the same rounds after a warm-up, each call between two
 ``torch.cuda.synchronize()`` so that the time covers the GPU work. Skipped without CUDA.

@@ -1,6 +1,6 @@
 """Hook overhead: a forward through camkit's capture hooks over a bare no-grad forward, CPU.
 
-The issue's figure: resnet50, batch 8, hooks on ``layer4`` recording activations without
+The required figure: resnet50, batch 8, hooks on ``layer4`` recording activations without
 gradients (``Capture(layers, needs_gradients=False)``) cost at most :data:`TARGET` times the
 bare ``torch.no_grad()`` forward of the same model and batch.
 """

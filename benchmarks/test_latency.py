@@ -1,6 +1,6 @@
 """Grad-CAM latency over plain no-grad inference, on the CPU.
 
-The issue's figure: resnet50 (random init, eval), batch 8, 224x224, layer ``layer4``, 2 threads:
+The required figure: resnet50 (random init, eval), batch 8, 224x224, layer ``layer4``, 2 threads:
 ``camkit.explain(..., method="gradcam")`` takes at most :data:`TARGET` times the no-grad
 forward of the same batch. Two references run in the same rounds, reported, not gated: the
 hand-written Grad-CAM (:func:`~benchmarks._lib.naive_gradcam`, whole graph +

@@ -1,6 +1,6 @@
 """Peak memory growth of Grad-CAM over no-grad inference, CPU, each case in a fresh process.
 
-The issue's figure: resnet50, batch 32, layer ``layer4``: the peak RSS growth of
+The required figure: resnet50, batch 32, layer ``layer4``: the peak RSS growth of
 ``camkit.explain(..., method="gradcam")`` is at most :data:`TARGET` times that of the no-grad
 forward. Each measurement is one fresh ``python -m benchmarks.memory_probe`` process (see its
 docstring for the method); the operations alternate across ``--bench-repeats`` repeats and the

@@ -1,15 +1,17 @@
 """Every method's time over inference, beside Grad-CAM's, measured in one interleaved run.
 
-Gradient and activation methods (issue figure): resnet50 (random init, eval), batch 8,
+Gradient and activation methods (the required figure): resnet50 (random init, eval), batch 8,
 224x224, ``layer4``. Methods that need one forward and one partial backward stay within
 :data:`GRADIENT_TARGET` of Grad-CAM's time. Smooth Grad-CAM++ costs ``1 + n_samples`` forwards
 and backwards by design: reported, not gated.
 
 Perturbation methods: resnet18, batch 1, 224x224, ``layer4`` (512 channels). Ablation-CAM takes
 at most :data:`ABLATION_TARGET` times no-grad inference (the prefix runs once; about 2x is the
-floor: the explained forward and one checked replay). Score-CAM takes at most
-:data:`SCORECAM_TARGET` times no-grad inference on ``C`` images (its ``C`` masked forwards).
-SS-CAM and IS-CAM cost ``n_samples`` times Score-CAM: reported with small ``n_samples``.
+floor: the explained forward and the recording forward, whose copy is checked); at ``layer3``
+its cost is reported. Score-CAM takes at most :data:`SCORECAM_TARGET` times no-grad inference
+on ``C`` images (its ``C`` masked forwards). SS-CAM and IS-CAM cost ``n_samples`` times
+Score-CAM: reported with small ``n_samples``. On the demo's trained CNN, the constant channels
+Score-CAM scores once and the time that saves are reported.
 """
 
 from __future__ import annotations
