@@ -48,7 +48,7 @@ class EigenCAM(camkit.Method):
     )
     needs_gradients = False
     class_discriminative = False
-    cost = "1 forward + 1 SVD per sample"
+    cost = "1 forward + 1 principal component per sample"
     options = {"center": True}
 
     def check_options(self, options: Mapping[str, Any]) -> None:
@@ -69,7 +69,7 @@ class EigenGradCAM(camkit.Method):
     citation = EigenCAM.citation + ", applied to gradient times activation"
     needs_gradients = True
     class_discriminative = True
-    cost = "1 forward + 1 backward from the layer + 1 SVD per sample"
+    cost = "1 forward + 1 backward from the layer + 1 principal component per sample"
     options = {"center": True}
 
     def check_options(self, options: Mapping[str, Any]) -> None:

@@ -642,15 +642,16 @@ def resnet_ref(resnet: tuple[torch.nn.Module, torch.nn.Module, Tensor]) -> dict:
 
 
 def _pca_map(v: Tensor, center: bool = True) -> Tensor:
-    """First principal component of ``v`` (C, *S) over positions, from the eigenvectors of the
-    positions' Gram matrix (not the SVD camkit uses): X v_1 = sigma_1 u_1, oriented to correlate
-    positively with the channel sum; ``center=False`` is the paper's uncentred projection."""
+    """First principal component of ``v`` (C, *S) over positions, from a singular value
+    decomposition (not the Gram matrices camkit uses): the projection X v_1 on the first right
+    singular vector, oriented to correlate positively with the channel sum; ``center=False`` is
+    the paper's uncentred projection."""
     x = v.flatten(1).T  # (P, C)
     if center:
         x = x - x.mean(0)
-    lam, vecs = torch.linalg.eigh(x @ x.T)  # ascending
-    assert float(lam[-1]) > 1.05 * float(lam[-2]), "first component not well separated"
-    proj = vecs[:, -1] * lam[-1].sqrt()
+    _, sigma, vh = torch.linalg.svd(x, full_matrices=False)
+    assert float(sigma[0]) > 1.025 * float(sigma[1]), "first component not well separated"
+    proj = x @ vh[0]
     plain = v.sum(0).flatten()
     if float(torch.dot(proj - proj.mean(), plain - plain.mean())) < 0:
         proj = -proj
