@@ -160,9 +160,10 @@ def test_scorecam_matches_reference_and_skipping_is_exact(probability: bool) -> 
     [
         ("scorecam", torch.float32, 1e-5),
         ("ablationcam", torch.float64, 1e-9),
-        # float32: weights are differences of nearly equal scores, summed with mixed signs, so
-        # the rounding of kernels chosen by batch size shows at about 1e-4 of the map's max
-        ("ablationcam", torch.float32, 2e-3),
+        # float32: weights are differences of nearly equal scores, summed with mixed signs;
+        # with the unablated score taken in the same replay, kernel rounding that depends on
+        # the batch size shows at up to about 2e-5 of the map's max (1e-3 without)
+        ("ablationcam", torch.float32, 5e-5),
     ],
 )
 def test_batch_size_does_not_change_maps(method: str, dtype: torch.dtype, tolerance: float) -> None:
