@@ -20,7 +20,7 @@ from .errors import OptionError, PluginError
 from .forward import _forward, _layout, _prepare, scored_output
 from .layout import Layout
 from .method import Method
-from .suffix import SuffixRunner
+from .suffix import Primed, SuffixRunner
 from .targets import Target
 
 
@@ -74,8 +74,10 @@ def _suffix_runner(
     target: Target,
     opts: Mapping[str, Any],
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    primed: Primed | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """``ctx.run_suffix``: scores with the layer's output replaced (see :mod:`camkit.suffix`)."""
+    """``ctx.run_suffix``: scores with the layer's output replaced (see :mod:`camkit.suffix`);
+    ``primed``: the record and check the explained forward already made."""
     runner: SuffixRunner | None = None
 
     def run_suffix(replacement: Tensor, index: Tensor) -> Tensor:
@@ -104,6 +106,8 @@ def _suffix_runner(
                 opts["batch_size"],
                 layout.batch_dim,
             )
+            if primed is not None:
+                runner.prime(primed)
         native = layout.to_native(replacement.to(activations.dtype), activations, index)
         with autocast():
             return runner(native, index)

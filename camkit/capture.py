@@ -15,7 +15,7 @@ captured. The caller's grad mode is restored on exit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import TracebackType
@@ -42,6 +42,8 @@ class Capture:
             a score can be differentiated with respect to the activations.
         transform: the model's input transform, when it resizes and pads its inputs
             (torchvision's detection models): its output's geometry is recorded.
+        replace: without gradients, ``replace(output)`` is what the rest of the model sees in
+            place of a layer's output (a new tensor); by default a clone of it.
 
     After a forward, ``activations[name]`` holds each layer's output: a tensor in the graph
     when gradients are needed, a detached one otherwise.
@@ -52,8 +54,10 @@ class Capture:
         layers: Sequence[tuple[str, nn.Module]],
         needs_gradients: bool,
         transform: nn.Module | None = None,
+        replace: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.layers = list(layers)
+        self.replace = replace
         self.transform = transform
         self.needs_gradients = needs_gradients
         self.activations: dict[str, Tensor] = {}
@@ -114,7 +118,7 @@ class Capture:
                 )
             if not self.needs_gradients:
                 self.activations[name] = output.detach()
-                return output.clone()
+                return output.clone() if self.replace is None else self.replace(output.detach())
             if not output.requires_grad:
                 # the earliest target (or one on a branch no earlier target feeds): start
                 # the graph here

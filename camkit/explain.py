@@ -30,6 +30,7 @@ from .forward import (
     _buffers_kept,
     _check_inputs,
     _forward,
+    _forward_primed,
     _layout,
     _prepare,
     _through_resize,
@@ -40,7 +41,8 @@ from .method import Context, Method
 from .options import resolve_options
 from .registry import Registry, default_registry
 from .result import CamResult
-from .targets import ClassTarget, as_target
+from .suffix import Primed
+from .targets import ClassTarget, Target, as_target
 
 __all__ = ["Explainer", "explain"]
 
@@ -212,16 +214,26 @@ def _run(
     n = int(inputs[0].shape[0])
     names = [name for name, _ in layers]
     rows = torch.arange(n, device=inputs[0].device)
-    fwd = _forward(
-        model,
-        inputs,
-        kwargs,
-        layers,
-        method.needs_gradients,
-        opts,
-        lambda output: as_target(target_spec, output, n),
-        rows,
-    )
+
+    def make_target(output: Any) -> tuple[Target, Tensor | None]:
+        return as_target(target_spec, output, n)
+
+    primed: Primed | None = None
+    got = None
+    if (
+        method.uses_run_suffix
+        and not method.needs_gradients
+        and len(layers) == 1
+        and opts["reshape"] is None
+    ):
+        # the explained forward records the prefix and checks the replay itself
+        got = _forward_primed(model, inputs, kwargs, layers[0], opts, make_target, rows)
+    if got is not None:
+        fwd, primed = got
+    else:
+        fwd = _forward(
+            model, inputs, kwargs, layers, method.needs_gradients, opts, make_target, rows
+        )
     output, target, scores = fwd.output, fwd.target, fwd.scores
     several = fwd.classes.shape[1] if fwd.classes is not None and fwd.classes.ndim == 2 else 0
     # from here on, layers in the order they ran: fusion rules tell shallow from deep
@@ -280,6 +292,7 @@ def _run(
                     target,
                     opts,
                     caller_autocast,
+                    primed if not several else None,
                 ),
                 recapture=_recapturer(
                     model, kwargs, (name, module), method, target, opts, caller_autocast

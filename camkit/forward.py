@@ -19,9 +19,17 @@ from torch import Tensor, nn
 
 from . import cam
 from .capture import Capture
-from .errors import CamkitWarning, InputError, LayerError, TargetError, user_stacklevel
+from .errors import (
+    CamkitError,
+    CamkitWarning,
+    InputError,
+    LayerError,
+    TargetError,
+    user_stacklevel,
+)
 from .layers import has_spatial_extent
 from .layout import Layout, layout_or_error
+from .suffix import Primed, Replays, record_prefix
 from .targets import ClassTarget, MultiClassTarget, Target, select_output
 
 
@@ -181,6 +189,40 @@ class _Forward:
     geometry: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
 
 
+def _missing_layers(missing: list[str]) -> LayerError:
+    return LayerError(
+        f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward on this "
+        "input; choose layers the forward uses (camkit.layers(model, x))."
+    )
+
+
+def _target_scores(
+    raw_output: Any,
+    opts: Mapping[str, Any],
+    make_target: Callable[[Any], tuple[Target, Tensor | None]],
+    index: Tensor,
+    m: int,
+) -> tuple[Target, Tensor | None, Any, Tensor]:
+    """The target made from the model's output, the scored output and the scores ``(M,)``
+    (``(M, K)`` for several targets per sample), checked."""
+    target, classes = make_target(select_output(raw_output, opts["output"]))
+    output = scored_output(raw_output, target, opts["output"])
+    scores = target.scores(output, index)
+    if isinstance(scores, Tensor) and not _finite(scores):
+        raise TargetError(
+            f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}...): "
+            "the model overflows or divides by zero on this input. Check the input's "
+            "preprocessing; for float16 models, try bfloat16 or float32."
+        )
+    several = isinstance(target, MultiClassTarget)
+    if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
+        pass  # (M, K): several targets per sample
+    elif not isinstance(scores, Tensor) or scores.shape != (m,):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise TargetError(f"the target must give one score per sample, ({m},); got {got}.")
+    return target, classes, output, scores
+
+
 def _forward(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
@@ -204,27 +246,10 @@ def _forward(
         raw_output = model(*inputs, **kwargs)
         missing = capture.missing()
         if missing:
-            raise LayerError(
-                f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward "
-                "on this input; choose layers the forward uses (camkit.layers(model, x))."
-            )
+            raise _missing_layers(missing)
         for name in names:
             _check_layer_output(name, capture.activations[name], m)
-        target, classes = make_target(select_output(raw_output, opts["output"]))
-        output = scored_output(raw_output, target, opts["output"])
-        scores = target.scores(output, index)
-        if isinstance(scores, Tensor) and not _finite(scores):
-            raise TargetError(
-                f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}...): "
-                "the model overflows or divides by zero on this input. Check the input's "
-                "preprocessing; for float16 models, try bfloat16 or float32."
-            )
-        several = isinstance(target, MultiClassTarget)
-        if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
-            pass  # (M, K): several targets per sample
-        elif not isinstance(scores, Tensor) or scores.shape != (m,):
-            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise TargetError(f"the target must give one score per sample, ({m},); got {got}.")
+        target, classes, output, scores = _target_scores(raw_output, opts, make_target, index, m)
         acts = [capture.activations[name] for name in names]
         grads: list[Tensor | None] = [None] * len(acts)
         if needs_gradients:
@@ -254,6 +279,102 @@ def _forward(
         order=list(capture.activations),
         geometry=capture.geometry,
     )
+
+
+def _batch_dim(a: Tensor, batch: int) -> int:
+    """1 for sequence-first tokens ``(T, N, C)``, else 0."""
+    return 1 if a.ndim >= 2 and a.shape[0] != batch and a.shape[1] == batch else 0
+
+
+def _forward_primed(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    kwargs: Mapping[str, Any],
+    layer: tuple[str, nn.Module],
+    opts: Mapping[str, Any],
+    make_target: Callable[[Any], tuple[Target, Tensor | None]],
+    index: Tensor,
+) -> tuple[_Forward, Primed] | None:
+    """The explained forward of a method that uses ``ctx.run_suffix``, without gradients, one
+    layer: the forward that explains also records the prefix and checks the replay.
+
+    The layer's output is captured as usual, but the rest of the model sees it with the first
+    sample scaled by 1/2 (set to ones where it is all zero): that forward's output is the exact
+    output of a perturbed copy. The explained output is the replay of the captured output; the
+    replay of the perturbed copy must match the forward's score of it, and the replayed scores
+    of the other samples the forward's. Then ``ctx.run_suffix`` needs no forward of its own:
+    one forward fewer than :func:`_forward` and a later check. Returns ``None`` where the replay
+    is not exact or raises, or for several targets per sample: the caller then runs
+    :func:`_forward`, and ``ctx.run_suffix`` checks (and warns) on its own.
+    """
+    name, module = layer
+    m = int(inputs[0].shape[0])
+    perturbed: list[Tensor] = []
+
+    def replace(a: Tensor) -> Tensor:
+        copy = a.clone()
+        first = copy.select(_batch_dim(a, m), 0)
+        if bool(first.ne(0).any()):
+            first.mul_(0.5)
+        else:
+            first.fill_(1.0)
+        perturbed.append(first.clone())  # as the layer gave it, before any in-place op after
+        return copy
+
+    transform = getattr(model, "transform", None)
+    capture = Capture(
+        [layer],
+        needs_gradients=False,
+        transform=transform if isinstance(transform, nn.Module) else None,
+        replace=replace,
+    )
+    outputs: list[Any] = []
+    with capture:
+        recorded = record_prefix(model, module, lambda: outputs.append(model(*inputs, **kwargs)))
+        if capture.missing():
+            raise _missing_layers(capture.missing())
+        act = capture.activations[name]
+        _check_layer_output(name, act, m)
+    bd = _batch_dim(act, m)
+    replays = Replays(model, inputs, dict(kwargs), module, act, recorded, bd)
+    rows = torch.arange(m, device=inputs[0].device)
+    try:
+        raw = replays.output(act, rows)
+        if replays.written():
+            return None
+        target, classes, output, scores = _target_scores(raw, opts, make_target, index, m)
+        if isinstance(target, MultiClassTarget):
+            return None
+        exact = target.scores(scored_output(outputs[0], target, opts["output"]), rows)
+        own = perturbed[0].unsqueeze(bd)
+        version = own._version
+        fast = target.scores(
+            scored_output(replays.output(own, rows[:1]), target, opts["output"]), rows[:1]
+        )
+        copy_layer = own._version != version
+        if replays.written():
+            return None
+        tol = 1e-4 * max(1.0, float(exact.detach().abs().max()))
+        got = torch.cat([fast, scores[1:]]).detach()
+        if got.shape != exact.shape or not bool(torch.isfinite(got).all()):
+            return None
+        if float((got - exact.detach()).abs().max()) > tol:
+            return None
+    except CamkitError:
+        raise  # the caller's mistake (a target, an option), not the replay's
+    except Exception:  # not replayable: the ordinary forward, then run_suffix's own check
+        return None
+    forward = _Forward(
+        output=output,
+        target=target,
+        classes=classes,
+        scores=scores.detach(),
+        activations=[act],
+        gradients=[None],
+        order=[name],
+        geometry=capture.geometry,
+    )
+    return forward, Primed(recorded, copy_layer)
 
 
 def _through_resize(

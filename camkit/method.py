@@ -74,6 +74,10 @@ class Method:
         aliases: other names that resolve to this method (``("gradcam++",)``).
         citation: the paper, as authors, year and title.
         needs_gradients: the core computes ``ctx.gradients`` when true.
+        uses_run_suffix: the method calls ``ctx.run_suffix``. Without gradients and with one
+            layer, the core then records the part of the model before the layer during the
+            explained forward itself and checks the replay there, which saves one forward
+            (see :mod:`camkit.suffix`).
         class_discriminative: the map changes with the target class.
         cost: forwards and backwards per sample, in words.
         options: the method's own options and their defaults.
@@ -83,6 +87,7 @@ class Method:
     aliases: ClassVar[tuple[str, ...]] = ()
     citation: ClassVar[str] = ""
     needs_gradients: ClassVar[bool] = True
+    uses_run_suffix: ClassVar[bool] = False
     class_discriminative: ClassVar[bool] = True
     cost: ClassVar[str] = ""
     options: ClassVar[Mapping[str, Any]] = {}

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .capture import hooks_paused, output_replaced
 from .errors import CamkitError, CamkitWarning, user_stacklevel
 
-__all__ = ["SuffixRunner"]
+__all__ = ["Primed", "Replays", "SuffixRunner", "record_prefix"]
 
 _REPLAY: ContextVar[_Replay | None] = ContextVar("camkit_replay", default=None)
 _RECORDING: ContextVar[object | None] = ContextVar("camkit_recording", default=None)
@@ -157,7 +157,7 @@ def _patched(modules: list[nn.Module]) -> Iterator[None]:
                     _PATCHED[m] = (own, users - 1)
 
 
-def _record(
+def record_prefix(
     model: nn.Module, layer: nn.Module, run: Callable[[], Any]
 ) -> dict[nn.Module, list[Any]]:
     """Run ``run()`` once and return the outputs of the maximal prefix calls, per module."""
@@ -241,6 +241,80 @@ def _versions(recorded: dict[nn.Module, list[Any]]) -> list[int]:
     return found
 
 
+def _run_replay(
+    model: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], replay: _Replay
+) -> Any:
+    """The model's output with its calls answered by ``replay`` (modules patched)."""
+    batch = tuple(replay.rows_of(t, 0) for t in inputs)  # inputs are batch first
+    token = _REPLAY.set(replay)
+    try:
+        return model(*batch, **kwargs)
+    finally:
+        _REPLAY.reset(token)
+
+
+class Primed:
+    """A record made during the explained forward, with its replay checked there.
+
+    Attributes:
+        recorded: the outputs of the maximal prefix calls, per module.
+        copy_layer: the part after the layer writes into the layer's output in place.
+    """
+
+    def __init__(self, recorded: dict[nn.Module, list[Any]], copy_layer: bool) -> None:
+        self.recorded, self.copy_layer = recorded, copy_layer
+
+
+class Replays:
+    """Whole outputs replayed from a record: the explained forward that records (see
+    :func:`camkit.forward._forward_primed`) gets its output and checks its copy with them.
+
+    Args:
+        model, inputs, kwargs: the model and the batch, ``N`` rows.
+        layer: the target module.
+        activations: the layer's output on the batch.
+        recorded: :func:`record_prefix` of a forward of the batch.
+        batch_dim: the dimension of the layer's output that holds the batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: tuple[Tensor, ...],
+        kwargs: dict[str, Any],
+        layer: nn.Module,
+        activations: Tensor,
+        recorded: dict[nn.Module, list[Any]],
+        batch_dim: int,
+    ) -> None:
+        self.model, self.inputs, self.kwargs, self.layer = model, inputs, kwargs, layer
+        self.activations, self.recorded, self.batch_dim = activations, recorded, batch_dim
+        self.versions = _versions(recorded)
+
+    def output(self, activations: Tensor, rows: Tensor) -> Any:
+        """The model's output with the layer answering ``activations`` (``M`` rows of samples
+        ``rows``); the recorded values are borrowed (see :meth:`written`). ``activations`` is
+        handed to the model as it is, unless it is the captured output, which is copied."""
+        n = int(self.inputs[0].shape[0])
+        replay = _Replay(
+            self.recorded,
+            self.layer,
+            n,
+            rows,
+            activations.to(self.activations.dtype),
+            True,
+            self.batch_dim,
+            activations is self.activations,
+            True,
+        )
+        with hooks_paused(), torch.no_grad(), _patched([*self.recorded, self.layer]):
+            return _run_replay(self.model, self.inputs, self.kwargs, replay)
+
+    def written(self) -> bool:
+        """A replay wrote into a recorded value: the record no longer holds the prefix."""
+        return _versions(self.recorded) != self.versions
+
+
 class SuffixRunner:
     """Scores of the model with the layer's output replaced; the prefix runs once per call.
 
@@ -301,6 +375,10 @@ class SuffixRunner:
                     out.append(self._full(part, rows))
         return torch.cat(out)
 
+    def prime(self, primed: Primed) -> None:
+        """Use a record the explained forward made and checked (no record, no check here)."""
+        self.recorded, self.copy_layer, self.fast = primed.recorded, primed.copy_layer, True
+
     def _patches(self) -> contextlib.AbstractContextManager[None]:
         """Replay dispatch on the recorded modules and the layer, for a whole call."""
         if not self.fast or self.recorded is None:
@@ -340,13 +418,7 @@ class SuffixRunner:
             self.copy_layer,
             borrow,
         )
-        batch = tuple(replay.rows_of(t, 0) for t in self.inputs)  # inputs are batch first
-        token = _REPLAY.set(replay)
-        try:
-            o = self.model(*batch, **self.kwargs)
-        finally:
-            _REPLAY.reset(token)
-        return self.score(o, rows).detach()
+        return self.score(_run_replay(self.model, self.inputs, self.kwargs, replay), rows).detach()
 
     def _check(self, copy: Tensor, row: Tensor) -> None:
         """Record the prefix and the exact score of one copy; replay that copy and compare.
@@ -369,7 +441,7 @@ class SuffixRunner:
         # replay on copies
         for borrow in (True, False):
             outputs.clear()
-            self.recorded = _record(self.model, self.layer, run)
+            self.recorded = record_prefix(self.model, self.layer, run)
             exact = self.score(outputs[0], torch.arange(n, device=row.device))[int(row)]
             exact = exact.reshape(1)
             before = _versions(self.recorded)

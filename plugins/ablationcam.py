@@ -49,6 +49,7 @@ class AblationCAM(camkit.Method):
         "Network via Gradient-free Localization (WACV)"
     )
     needs_gradients = False
+    uses_run_suffix = True
     class_discriminative = True
     cost = "2 forwards (explained, recorded) + C ablated copies through the part after the layer"
     options = {"denominator": "abs"}

@@ -259,3 +259,69 @@ def test_sequence_first_tokens_with_several_targets_per_sample() -> None:
         assert results[0].maps.shape == (2, 2, 16, 16)
         torch.testing.assert_close(results[1].maps, results[0].maps, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(results[1].weights, results[0].weights, rtol=1e-4, atol=1e-6)
+
+
+class Stem(nn.Module):
+    """A prefix module that counts the times it really computes (a replay answers it from the
+    record without running this forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.runs = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.runs += 1
+        return torch.relu(self.conv(x))
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = Stem()
+        self.layer = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.layer(self.stem(x))).mean((2, 3)))
+
+
+class TwoForwards(camkit.Method):
+    """Ablation-CAM without ``uses_run_suffix``: an explained forward, then run_suffix's own
+    record and check."""
+
+    name = "ablation-two-forwards"
+    citation = "test"
+    cost = "test"
+    needs_gradients = False
+    options: ClassVar[dict[str, Any]] = {"denominator": "abs"}
+
+    def weights(self, ctx: camkit.Context) -> torch.Tensor:
+        from camkit_plugins.ablationcam import AblationCAM
+
+        return AblationCAM().weights(ctx)
+
+
+@pytest.mark.parametrize("model_cls", [Counting, RewritesThePrefix])
+def test_ablationcam_records_in_the_explained_forward(model_cls: type[nn.Module]) -> None:
+    # a method that declares uses_run_suffix gets the record and the check from the explained
+    # forward: the prefix computes once, where otherwise it computes twice, for the same maps
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x = torch.randn(3, 3, 6, 6)
+    before = snapshot(model)
+    one = camkit.explain(model, x, method="ablationcam", layer="layer", target=[0, 1, 0])
+    two = camkit.explain(model, x, method=TwoForwards(), layer="layer", target=[0, 1, 0])
+    torch.testing.assert_close(one.weights, two.weights, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(one.scores, two.scores)
+    assert one.weights.abs().amax(dim=1).min() > 0
+    if isinstance(model, Counting):
+        model.stem.runs = 0
+        camkit.explain(model, x, method="ablationcam", layer="layer", target=[0, 1, 0])
+        assert model.stem.runs == 1
+        model.stem.runs = 0
+        camkit.explain(model, x, method=TwoForwards(), layer="layer", target=[0, 1, 0])
+        assert model.stem.runs == 2
+    assert_unchanged(before, model)
+    assert hook_count(model) == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
