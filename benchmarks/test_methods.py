@@ -6,9 +6,9 @@ Gradient and activation methods (the required figure): resnet50 (random init, ev
 and backwards by design: reported, not gated.
 
 Perturbation methods: resnet18, batch 1, 224x224, ``layer4`` (512 channels). Ablation-CAM takes
-at most :data:`ABLATION_TARGET` times no-grad inference (the prefix runs once; about 2x is the
-floor: the explained forward and the recording forward, whose copy is checked); at ``layer3``
-its cost is reported. Score-CAM takes at most :data:`SCORECAM_TARGET` times no-grad inference
+at most :data:`ABLATION_TARGET` times no-grad inference (the prefix runs once, in the explained
+forward, which also records it and checks the replay; about 1x is the floor); at ``layer3`` its
+cost is reported. Score-CAM takes at most :data:`SCORECAM_TARGET` times no-grad inference
 on ``C`` images (its ``C`` masked forwards). SS-CAM and IS-CAM cost ``n_samples`` times
 Score-CAM: reported with small ``n_samples``. On the demo's trained CNN, the constant channels
 Score-CAM scores once and the time that saves are reported.

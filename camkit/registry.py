@@ -163,8 +163,9 @@ class Registry:
                 f"plugin {plugin_name!r}: method {name!r} ({type(method).__name__}) does not "
                 "implement weights(ctx)."
             )
-        if not isinstance(method.needs_gradients, bool):
-            raise PluginError(f"plugin {plugin_name!r}: {name!r}.needs_gradients must be a bool.")
+        for flag in ("needs_gradients", "uses_run_suffix"):
+            if not isinstance(getattr(method, flag), bool):
+                raise PluginError(f"plugin {plugin_name!r}: {name!r}.{flag} must be a bool.")
         if not isinstance(method.options, dict):
             raise PluginError(
                 f"plugin {plugin_name!r}: {name!r}.options must be a dict of option defaults."

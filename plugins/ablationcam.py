@@ -9,9 +9,11 @@ target score when that channel is zeroed,
 with ``y`` the score and ``y_k`` the score with activation map ``k`` set to zero.
 
 Cost model: the ablated copies go through ``ctx.run_suffix``, which runs the part of the model
-before the layer once and only the part after it per copy (``batch_size`` copies at a time), so
-at the last block the cost is about two inferences whatever the number of channels; at an early
-layer the suffix is most of the model and the cost approaches ``C`` forwards. Channels whose
+before the layer once and only the part after it per copy (``batch_size - 1`` copies at a
+time); ``uses_run_suffix`` lets the explained forward record that part and check the replay,
+so at the last block the cost is about one and a half inferences whatever the number of
+channels; at an early layer the suffix is most of the model and the cost approaches ``C``
+forwards. Channels whose
 activations are all zero cannot change the score when zeroed: their weight is exactly 0 and
 they are not run.
 
@@ -51,7 +53,10 @@ class AblationCAM(camkit.Method):
     needs_gradients = False
     uses_run_suffix = True
     class_discriminative = True
-    cost = "2 forwards (explained, recorded) + C ablated copies through the part after the layer"
+    cost = (
+        "1 forward (explained, recording the prefix) + C ablated copies through the part after "
+        "the layer"
+    )
     options = {"denominator": "abs"}
 
     def check_options(self, options: Mapping[str, Any]) -> None:

@@ -120,6 +120,7 @@ def test_registration_is_validated() -> None:
         (object(), "expected an instance of a camkit.Method subclass"),
         (_method("delta", options={"relu": False}), "redeclares common option"),
         (_method("eps", needs_gradients="yes"), "needs_gradients must be a bool"),
+        (_method("zeta", uses_run_suffix=1), "uses_run_suffix must be a bool"),
         (type("N", (camkit.Method,), {"name": "nowts"})(), "does not implement weights"),
     ]
     for i, (method, message) in enumerate(cases):
