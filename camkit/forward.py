@@ -304,8 +304,10 @@ def _forward_primed(
     replay of the perturbed copy must match the forward's score of it, and the replayed scores
     of the other samples the forward's. Then ``ctx.run_suffix`` needs no forward of its own:
     one forward fewer than :func:`_forward` and a later check. Returns ``None`` where the replay
-    is not exact or raises, or for several targets per sample: the caller then runs
-    :func:`_forward`, and ``ctx.run_suffix`` checks (and warns) on its own.
+    is not exact or raises: the caller then runs :func:`_forward`, and ``ctx.run_suffix``
+    checks (and warns) on its own. With several targets per sample (scores ``(N, K)``) every
+    target's score is compared; the record is for the ``N`` samples, so the caller hands it to
+    ``ctx.run_suffix`` only for one target per sample.
     """
     name, module = layer
     m = int(inputs[0].shape[0])
@@ -343,8 +345,6 @@ def _forward_primed(
         if replays.written():
             return None
         target, classes, output, scores = _target_scores(raw, opts, make_target, index, m)
-        if isinstance(target, MultiClassTarget):
-            return None
         exact = target.scores(scored_output(outputs[0], target, opts["output"]), rows)
         own = perturbed[0].unsqueeze(bd)
         version = own._version

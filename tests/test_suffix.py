@@ -228,13 +228,19 @@ class SequenceFirst(nn.Module):
         return self.head(h[0] if self.seq_first else h[:, 0])
 
 
-def test_sequence_first_tokens_replay_per_sample() -> None:
-    # the same weights laid out (T, N, C) and (N, T, C) give the same Ablation-CAM weights,
-    # each sample its own (a replay gathering the wrong dimension would mix them up)
+def _twins() -> tuple[SequenceFirst, SequenceFirst]:
+    """The same weights laid out batch first and sequence first."""
     torch.manual_seed(0)
     batch_first = SequenceFirst(seq_first=False).eval()
     seq_first = SequenceFirst(seq_first=True).eval()
     seq_first.load_state_dict(batch_first.state_dict())
+    return batch_first, seq_first
+
+
+def test_sequence_first_tokens_replay_per_sample() -> None:
+    # the same weights laid out (T, N, C) and (N, T, C) give the same Ablation-CAM weights,
+    # each sample its own (a replay gathering the wrong dimension would mix them up)
+    batch_first, seq_first = _twins()
     x = torch.randn(3, 3, 16, 16)
     results = [
         camkit.explain(m, x, method="ablationcam", layer="block", target=[0, 1, 2], batch_size=5)
@@ -246,10 +252,7 @@ def test_sequence_first_tokens_replay_per_sample() -> None:
 
 
 def test_sequence_first_tokens_with_several_targets_per_sample() -> None:
-    torch.manual_seed(0)
-    batch_first = SequenceFirst(seq_first=False).eval()
-    seq_first = SequenceFirst(seq_first=True).eval()
-    seq_first.load_state_dict(batch_first.state_dict())
+    batch_first, seq_first = _twins()
     x = torch.randn(2, 3, 16, 16)
     for method in ("gradcam", "ablationcam"):
         results = [
