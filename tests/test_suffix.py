@@ -328,3 +328,15 @@ def test_ablationcam_records_in_the_explained_forward(model_cls: type[nn.Module]
     assert_unchanged(before, model)
     assert hook_count(model) == 0
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_ablationcam_with_several_targets_matches_one_target_at_a_time() -> None:
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(2, 3, 6, 6)
+    both = camkit.explain(model, x, method="ablationcam", layer="layer", target=[[0, 2], [1, 0]])
+    assert both.weights.shape == (2, 2, 6)
+    for k, targets in enumerate(([0, 1], [2, 0])):
+        one = camkit.explain(model, x, method="ablationcam", layer="layer", target=targets)
+        torch.testing.assert_close(both.weights[:, k], one.weights, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(both.maps[:, k], one.maps, rtol=1e-5, atol=1e-6)
