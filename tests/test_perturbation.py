@@ -178,6 +178,21 @@ def test_batch_size_does_not_change_maps(method: str, dtype: torch.dtype, tolera
     torch.testing.assert_close(a.raw, b.raw, rtol=0, atol=tolerance * scale)
 
 
+@pytest.mark.parametrize("method", ["sscam", "iscam"])
+def test_smoothed_and_integrated_maps_do_not_depend_on_the_batch_size(method: str) -> None:
+    model = ResidualNet().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    a, b = (
+        camkit.explain(
+            model, x, method=method, layer="conv", target=[0, 2], n_samples=3, batch_size=size
+        )
+        for size in (512, 3)
+    )
+    scale = float(a.raw.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(a.raw, b.raw, rtol=0, atol=1e-5 * scale)
+
+
 def test_sscam_and_iscam_definitions() -> None:
     torch.manual_seed(0)
     model = ResidualNet().eval()
