@@ -26,6 +26,7 @@ from .augment import _run_augmented
 from .capabilities import _autocast_state, _recapturer, _scorer, _suffix_runner
 from .errors import InputError, LayerError, PluginError
 from .forward import (
+    _batch_dim,
     _batch_rows,
     _buffers_kept,
     _check_inputs,
@@ -197,7 +198,7 @@ def explain(
 def _target_major(g: Tensor, a: Tensor, n: int) -> Tensor:
     """Gradients ``(K, *a.shape)`` of ``K`` targets as ``N * K`` sample-major rows, on the batch
     dimension of the activations ``a`` (0, or 1 for sequence-first tokens)."""
-    if a.ndim >= 2 and a.shape[0] != n and a.shape[1] == n:
+    if _batch_dim(a, n) == 1:
         return g.movedim(0, 2).flatten(1, 2)
     return g.transpose(0, 1).flatten(0, 1)
 

@@ -332,24 +332,30 @@ def _forward_primed(
     )
     outputs: list[Any] = []
     with capture:
-        recorded = record_prefix(model, module, lambda: outputs.append(model(*inputs, **kwargs)))
+        try:
+            recorded = record_prefix(
+                model, module, lambda: outputs.append(model(*inputs, **kwargs))
+            )
+        except CamkitError:
+            raise
+        except Exception:  # the perturbed copy may be what fails: leave it to _forward
+            return None
         if capture.missing():
             raise _missing_layers(capture.missing())
         act = capture.activations[name]
         _check_layer_output(name, act, m)
     bd = _batch_dim(act, m)
     replays = Replays(model, inputs, dict(kwargs), module, act, recorded, bd)
-    rows = torch.arange(m, device=inputs[0].device)
     try:
-        raw = replays.output(act, rows)
+        raw = replays.output(act, index)
         if replays.written():
             return None
         target, classes, output, scores = _target_scores(raw, opts, make_target, index, m)
-        exact = target.scores(scored_output(outputs[0], target, opts["output"]), rows)
+        exact = target.scores(scored_output(outputs[0], target, opts["output"]), index)
         own = perturbed[0].unsqueeze(bd)
         version = own._version
         fast = target.scores(
-            scored_output(replays.output(own, rows[:1]), target, opts["output"]), rows[:1]
+            scored_output(replays.output(own, index[:1]), target, opts["output"]), index[:1]
         )
         copy_layer = own._version != version
         if replays.written():
@@ -412,7 +418,7 @@ def _layout(
 def _batch_rows(a: Tensor, rows: Tensor, batch: int) -> Tensor:
     """Rows ``rows`` of a layer's output with ``batch`` rows on dimension 0, or on dimension 1
     (sequence-first tokens)."""
-    if a.ndim >= 2 and a.shape[0] != batch and a.shape[1] == batch:
+    if _batch_dim(a, batch) == 1:
         return a.index_select(1, rows)
     return a[rows]
 
