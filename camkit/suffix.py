@@ -455,7 +455,6 @@ class SuffixRunner:
             except CamkitError:
                 raise  # the caller's mistake (a target, an option), not the replay's
             except Exception as exc:  # any other failure of the replay: not valid here
-                self.fast = False
                 self._fall_back(f"the replay raised {type(exc).__name__}: {exc}")
                 return
             if _versions(self.recorded) == before:
