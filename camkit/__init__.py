@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from . import plugin
 from .errors import (
     CamkitError,
     CamkitWarning,
@@ -67,5 +68,6 @@ __all__ = [
     "layers",
     "list_methods",
     "overlay",
+    "plugin",
     "save_image",
 ]

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 import camkit
-from camkit.progress import bar
+from camkit.plugin import progress_bar as bar
 
 
 class AblationCAM(camkit.Method):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import camkit
-from camkit.targets import ClassTarget
+from camkit.plugin import ClassTarget
 
 
 def _classes(ctx: camkit.Context) -> torch.Tensor:

@@ -17,7 +17,7 @@ Departures from the paper: camkit centres the matrix over positions by default (
 component analysis proper); the paper's uncentred projection is ``center=False``. The sign of a
 singular vector is arbitrary; camkit orients it so that the projection correlates positively with
 the channel sum, so maps do not flip between BLAS builds. Batched on the device, through the
-smaller Gram matrix (see :func:`camkit.cam.principal_component`).
+smaller Gram matrix (see :func:`camkit.plugin.principal_component`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import camkit
-from camkit.cam import principal_component
+from camkit.plugin import principal_component
 
 
 def _check_center(options: Mapping[str, Any]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import camkit
-from camkit.cam import principal_component
+from camkit.plugin import principal_component
 
 
 class GradCAMElementwise(camkit.Method):

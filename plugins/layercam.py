@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import camkit
-from camkit.cam import normalize
+from camkit.plugin import normalize
 
 
 class LayerCAM(camkit.Method):

@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import camkit
-from camkit.cam import upsample
-from camkit.progress import bar
-from camkit.targets import ClassTarget
+from camkit.plugin import ClassTarget, upsample
+from camkit.plugin import progress_bar as bar
 
 
 def masks_of(activations: Tensor, size: tuple[int, ...]) -> Tensor:
