@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import __version__
-from .errors import CamkitError, InputError, UnknownMethodError
+from .errors import CamkitError, InputError, UnknownMethodError, UsageError
 from .explain import Explainer
 from .io import (
     DEFAULT_SIZE,
@@ -45,10 +45,6 @@ from .targets import select_output
 from .viz import overlay
 
 __all__ = ["build_parser", "main"]
-
-
-class UsageError(CamkitError):
-    """A command line that cannot work, found after parsing (exit status 2)."""
 
 
 class _Parser(argparse.ArgumentParser):

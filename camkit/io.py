@@ -39,7 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CamkitError, did_you_mean
+from .errors import (
+    CamkitError,
+    CheckpointError,
+    ImageError,
+    MissingDependencyError,
+    ModelSpecError,
+    did_you_mean,
+)
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -71,22 +78,6 @@ DEFAULT_SIZE: tuple[int, int] = (224, 224)
 
 _CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"}
 _INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
-
-
-class ImageError(CamkitError):
-    """An image that cannot be read or written, or an output folder that cannot be used."""
-
-
-class ModelSpecError(CamkitError):
-    """A model spec that does not name a model camkit can build."""
-
-
-class CheckpointError(CamkitError):
-    """Weights that cannot be loaded, or a checkpoint that does not match the model."""
-
-
-class MissingDependencyError(CamkitError, ImportError):
-    """An optional package that is needed for what was asked is not installed."""
 
 
 # -- optional packages -----------------------------------------------------------------------
