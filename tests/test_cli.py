@@ -18,7 +18,7 @@ import torch
 import camkit
 import camkit.demo
 from camkit.cli import main, parse_value
-from camkit.io import (
+from camkit.cli import (
     Preprocess,
     load_model,
     preprocess_from_torchvision,
