@@ -16,20 +16,31 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..errors import CamkitError, InputError, UsageError
+from ..errors import CamkitError, UsageError
 from ..explain import Explainer
 from ..result import CamResult
 from ..targets import select_output
-from ..viz import overlay
+from ..viz import COLORMAPS, overlay
 from .images import check_image, read_image, write_image
 from .models import load_model
 from .output import staged_output
 from .preprocess import DEFAULT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .values import method_named, read_labels, resolve_device
 
-__all__ = [
-    "explain_command",
-]
+__all__ = ["check_look", "explain_command"]
+
+
+def check_look(alpha: float, colormap: str) -> None:
+    """Check ``--alpha`` and ``--colormap`` before any work.
+
+    Raises:
+        UsageError: ``alpha`` is outside [0, 1] or ``colormap`` is not one of
+            :data:`camkit.viz.COLORMAPS`.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise UsageError(f"--alpha expects a value in [0, 1]; got {alpha}.")
+    if colormap not in COLORMAPS:
+        raise UsageError(f"--colormap expects one of {', '.join(COLORMAPS)}; got {colormap!r}.")
 
 
 def _targets(targets: list[int] | None, n: int) -> list[int] | int | None:
@@ -114,12 +125,7 @@ def _class_text(entry: dict[str, Any] | None) -> str:
 def explain_command(args: argparse.Namespace) -> int:
     images = [Path(p) for p in args.images]
     targets = _targets(args.target, len(images))
-    try:  # check the look of the overlays before any work
-        overlay(np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1)), args.alpha, args.colormap)
-    except InputError as exc:
-        raise UsageError(
-            str(exc).replace("overlay alpha", "--alpha").replace("overlay colormap", "--colormap")
-        ) from exc
+    check_look(args.alpha, args.colormap)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder.")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CamkitError, UnknownMethodError
+from ..errors import CamkitError
 from ..method import Method
 from ..registry import default_registry
 
@@ -172,8 +172,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def method_named(name: str) -> Method:
-    try:
-        return default_registry().get(name)
-    except UnknownMethodError as exc:
-        text = str(exc).replace("List methods with camkit.list_methods().", "").strip()
-        raise UnknownMethodError(f"{text} List them with 'camkit methods'.") from None
+    """The method ``--method`` (or ``--methods``) names; an unknown name's error says to run
+    ``camkit methods``."""
+    return default_registry().get(name, how_to_list="List them with 'camkit methods'.")
