@@ -24,6 +24,7 @@ __all__ = [
 
 # -- methods, plugins ------------------------------------------------------------------------
 def methods_command(args: argparse.Namespace) -> int:
+    """``camkit methods [PATTERN] [--json]``: the matching methods as a table or JSON."""
     registry = default_registry()
     rows: list[dict[str, Any]] = []
     for name in registry.names(args.pattern):
@@ -60,11 +61,13 @@ def methods_command(args: argparse.Namespace) -> int:
 
 
 def plugins_command(args: argparse.Namespace) -> int:
+    """``camkit plugins``: the loaded plugins as JSON."""
     print(json.dumps(default_registry().plugins(), indent=2))
     return 0
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Print ``rows`` under ``header`` in left-aligned columns."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         cells = [str(c).ljust(w) for c, w in zip(r, widths, strict=True)]
@@ -79,6 +82,7 @@ def _cell(v: Any) -> str:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    """``camkit demo``: run :func:`camkit.demo.run_demo` and print its table."""
     methods = None
     if args.methods:
         methods = [method_named(m).name for m in args.methods.split(",") if m.strip()]

@@ -123,6 +123,8 @@ def _class_text(entry: dict[str, Any] | None) -> str:
 
 
 def explain_command(args: argparse.Namespace) -> int:
+    """``camkit explain``: an overlay (.png) and a map (.npy) per image, in batches, then a
+    summary (text or ``--json``); every check that needs no model runs first."""
     images = [Path(p) for p in args.images]
     targets = _targets(args.target, len(images))
     check_look(args.alpha, args.colormap)

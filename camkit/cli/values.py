@@ -35,6 +35,7 @@ def _split(text: str) -> list[str]:
 
 
 def size(text: str) -> tuple[int, int]:
+    """``--size``: ``H``, ``H,W`` or ``HxW`` (positive ints) as ``(H, W)``."""
     try:
         values = [int(t) for t in _split(text)]
     except ValueError:
@@ -45,6 +46,7 @@ def size(text: str) -> tuple[int, int]:
 
 
 def floats(text: str) -> tuple[float, ...]:
+    """``--mean``: one number or three (``a,b,c``)."""
     try:
         values = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
@@ -55,6 +57,7 @@ def floats(text: str) -> tuple[float, ...]:
 
 
 def stds(text: str) -> tuple[float, ...]:
+    """``--std``: one positive number or three."""
     values = floats(text)
     if min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive numbers; got {text!r}")
@@ -62,6 +65,7 @@ def stds(text: str) -> tuple[float, ...]:
 
 
 def class_indices(text: str) -> list[int]:
+    """``--target``: a class index, or comma-separated indices (one per image)."""
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -74,6 +78,7 @@ def class_indices(text: str) -> list[int]:
 
 
 def positive_int(text: str) -> int:
+    """``--batch-size``, ``--num-classes``: an int of at least 1."""
     try:
         value = int(text)
     except ValueError:
@@ -102,6 +107,8 @@ def parse_value(text: str) -> Any:
 
 
 def key_value(text: str) -> tuple[str, Any]:
+    """``--option KEY=VALUE`` as ``(key, value)``: dashes in the key become underscores and the
+    value is read by :func:`parse_value`."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected key=value; got {text!r}")
