@@ -14,14 +14,19 @@ from collections.abc import Iterable
 __all__ = [
     "CamkitError",
     "CamkitWarning",
+    "CheckpointError",
+    "ImageError",
     "InputError",
     "LayerError",
+    "MissingDependencyError",
     "ModelError",
+    "ModelSpecError",
     "OptionError",
     "PluginError",
     "TargetError",
     "UnknownLayerError",
     "UnknownMethodError",
+    "UsageError",
 ]
 
 
@@ -69,6 +74,28 @@ class UnknownMethodError(CamkitError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+# -- the command line and its helpers -------------------------------------------------------
+class UsageError(CamkitError):
+    """A command line that cannot work, found after parsing (the ``camkit`` command exits with
+    status 2)."""
+
+
+class ImageError(CamkitError):
+    """An image that cannot be read or written, or an output folder that cannot be used."""
+
+
+class ModelSpecError(CamkitError):
+    """A model spec that does not name a model camkit can build."""
+
+
+class CheckpointError(CamkitError):
+    """Weights that cannot be loaded, or a checkpoint that does not match the model."""
+
+
+class MissingDependencyError(CamkitError, ImportError):
+    """An optional package that is needed for what was asked is not installed."""
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:

@@ -191,8 +191,16 @@ class Registry:
             self._owners[key] = plugin_name
 
     # -- lookup ----------------------------------------------------------------------------
-    def get(self, name: str | Method) -> Method:
-        """The method registered as ``name`` (canonical or alias, case-insensitive)."""
+    def get(
+        self, name: str | Method, *, how_to_list: str = "List methods with camkit.list_methods()."
+    ) -> Method:
+        """The method registered as ``name`` (canonical or alias, case-insensitive).
+
+        Args:
+            name: a method name or alias, or a :class:`~camkit.Method` (returned as it is).
+            how_to_list: the sentence that ends the error for an unknown name, saying where
+                the methods are listed (the ``camkit`` command names its own listing).
+        """
         if isinstance(name, Method):
             return name
         if not isinstance(name, str):
@@ -210,9 +218,7 @@ class Registry:
             else " camkit's built-in methods were not found: install camkit (pip install -e .) "
             "so its entry points exist."
         )
-        raise UnknownMethodError(
-            f"unknown method {name!r}.{hint}{missing} List methods with camkit.list_methods()."
-        )
+        raise UnknownMethodError(f"unknown method {name!r}.{hint}{missing} {how_to_list}")
 
     def default_layers(self, model: Any) -> list[str] | None:
         """The layer names an architecture adapter proposes for ``model``, or ``None``."""

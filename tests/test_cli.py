@@ -17,14 +17,16 @@ import torch
 
 import camkit
 import camkit.demo
-from camkit.cli import main, parse_value
-from camkit.io import (
+from camkit.cli import (
     Preprocess,
     load_model,
+    main,
+    parse_value,
     preprocess_from_torchvision,
     read_image,
     staged_output,
 )
+from camkit.cli.values import method_named
 
 tv = pytest.importorskip("torchvision")
 
@@ -316,7 +318,13 @@ ERRORS = {
     "bad colormap": (
         ["{a}", "--model", "torchvision:resnet18", "--colormap", "pink"],
         2,
-        "--colormap expects one of jet",
+        "--colormap expects one of jet, turbo, viridis, inferno, magma, plasma, cividis, hot; "
+        "got 'pink'.",
+    ),
+    "alpha out of range": (
+        ["{a}", "--model", "torchvision:resnet18", "--alpha", "1.5"],
+        2,
+        "--alpha expects a value in [0, 1]; got 1.5.",
     ),
     "bad option syntax": (
         ["{a}", "--model", "torchvision:resnet18", "--option", "relu"],
@@ -349,6 +357,19 @@ def test_errors_exit_non_zero_with_a_message_and_no_output(
     assert message in err.replace("\n", " "), err
     assert "Traceback" not in err and stdout == ""
     assert not out.exists() and not _leftovers(tmp_path)
+
+
+def test_unknown_method_names_the_listing_of_its_caller() -> None:
+    with pytest.raises(camkit.UnknownMethodError) as cli_error:
+        method_named("gradcamm")
+    with pytest.raises(camkit.UnknownMethodError) as api_error:
+        camkit.default_registry().get("gradcamm")
+    cli_text, api_text = str(cli_error.value), str(api_error.value)
+    assert cli_text.startswith("unknown method 'gradcamm'. Did you mean 'gradcam'")
+    assert cli_text.endswith("? List them with 'camkit methods'.")
+    assert api_text == cli_text.replace(
+        "List them with 'camkit methods'.", "List methods with camkit.list_methods()."
+    )
 
 
 def test_failure_midway_leaves_nothing_half_written(

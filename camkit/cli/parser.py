@@ -1,0 +1,188 @@
+"""The ``camkit`` argument parser and :func:`main`.
+
+Errors a user can cause print ``camkit: error: <message>`` on stderr, without a traceback, and
+exit with status 2 for a wrong command line and 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from .. import __version__
+from ..errors import CamkitError, UsageError
+from .commands import demo_command, methods_command, plugins_command
+from .explain import explain_command
+from .values import class_indices, floats, key_value, positive_int, size, stds
+
+__all__ = [
+    "build_parser",
+    "main",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with camkit's error line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"camkit: error: {message}\n")
+
+
+# -- the parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``camkit`` argument parser."""
+    parser = _Parser(
+        prog="camkit",
+        description="Class activation maps for PyTorch models.",
+        epilog="Run 'camkit COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"camkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ex = sub.add_parser(
+        "explain",
+        help="explain images with a model: overlays (.png) and maps (.npy)",
+        description="Explain images with a model and a CAM method; write an overlay (.png) "
+        "and the map (.npy, float32 in [0, 1] at the model's input size) per image.",
+    )
+    ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    ex.add_argument(
+        "--model",
+        required=True,
+        metavar="SPEC",
+        help="torchvision:NAME, timm:NAME or module.path:factory",
+    )
+    ex.add_argument(
+        "--weights",
+        metavar="W",
+        help="a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), 'pretrained' for timm, "
+        "or a checkpoint file (a state_dict)",
+    )
+    ex.add_argument("--method", default="gradcam", help="CAM method (default: gradcam)")
+    ex.add_argument("--layer", help="target layer(s), dotted names, comma-separated")
+    ex.add_argument(
+        "--target",
+        type=class_indices,
+        metavar="T",
+        help="class to explain: one for all images, or one per image (comma-separated); "
+        "default: the predicted class",
+    )
+    ex.add_argument("--out", default="camkit-out", help="output folder (default: ./camkit-out)")
+    ex.add_argument(
+        "--size",
+        type=size,
+        metavar="H[,W]",
+        help="resize images to this size (default: the weights' preprocessing, else 224)",
+    )
+    ex.add_argument(
+        "--mean", type=floats, metavar="R,G,B", help="normalisation mean (default: ImageNet)"
+    )
+    ex.add_argument(
+        "--std", type=stds, metavar="R,G,B", help="normalisation std (default: ImageNet)"
+    )
+    ex.add_argument(
+        "--num-classes",
+        type=positive_int,
+        metavar="K",
+        help="classes of the model's classifier (torchvision and timm specs)",
+    )
+    ex.add_argument("--labels", metavar="FILE", help="class names: one per line, or JSON")
+    ex.add_argument("--alpha", type=float, default=0.5, help="heatmap weight (default: 0.5)")
+    ex.add_argument("--colormap", default="jet", help="heatmap colours (default: jet)")
+    ex.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="images per explain call (default: 8)",
+    )
+    ex.add_argument(
+        "--option",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option (repeatable), e.g. --option relu=false",
+    )
+    _device_and_progress(ex)
+    ex.add_argument("--json", action="store_true", help="print a JSON summary")
+    ex.set_defaults(func=explain_command)
+
+    me = sub.add_parser(
+        "methods",
+        help="list the CAM methods",
+        description="List the CAM methods: name, aliases, gradients, cost and paper.",
+    )
+    me.add_argument("pattern", nargs="?", default="*", help="fnmatch filter (default: *)")
+    me.add_argument("--json", action="store_true", help="print JSON")
+    me.set_defaults(func=methods_command)
+
+    pl = sub.add_parser(
+        "plugins",
+        help="list the loaded plugins as JSON",
+        description="Print the loaded plugins as JSON: name, distribution, version, hooks "
+        "and methods of each.",
+    )
+    pl.set_defaults(func=plugins_command)
+
+    de = sub.add_parser(
+        "demo",
+        help="train a small model on generated scenes and explain it with every method",
+        description="Train a small model on generated scenes and explain it with the methods.",
+    )
+    de.add_argument("--out", default="camkit-demo", help="output folder (default: ./camkit-demo)")
+    de.add_argument("--methods", help="comma-separated method names (default: all)")
+    de.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _device_and_progress(de)
+    de.add_argument("--json", action="store_true", help="print the table as JSON")
+    de.set_defaults(func=demo_command)
+    return parser
+
+
+def _device_and_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N"
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: on in a terminal for long work)",
+    )
+
+
+# -- main ------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``camkit`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit
+    status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except UsageError as exc:
+        print(f"camkit: error: {exc}", file=sys.stderr)
+        return 2
+    except CamkitError as exc:
+        print(f"camkit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("camkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into a command that stopped reading (head)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
