@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .capture import hooks_paused
 from .errors import OptionError, PluginError
-from .forward import _forward, _layout, _prepare, scored_output
-from .layout import Layout
+from .forward import _forward, scored_output
+from .layout import Layout, layer_layout, prepare_maps
 from .method import Method
 from .suffix import Primed, SuffixRunner
 from .targets import Target
@@ -149,8 +149,8 @@ def _recapturer(
                 )
             act = fwd.activations[0]
             rows = int(batch[0][sl].shape[0])
-            layout = _layout(layer[0], act, opts["reshape"], tuple(batch[0].shape[2:]), rows)
-            a, g = _prepare(layer[0], act, fwd.gradients[0], opts["reshape"], layout)
+            layout = layer_layout(layer[0], act, opts["reshape"], tuple(batch[0].shape[2:]), rows)
+            a, g = prepare_maps(layer[0], act, fwd.gradients[0], opts["reshape"], layout)
             acts.append(a)
             if g is not None:
                 grads.append(g)

@@ -25,19 +25,9 @@ from . import cam
 from .augment import _run_augmented
 from .capabilities import _autocast_state, _recapturer, _scorer, _suffix_runner
 from .errors import InputError, LayerError, PluginError
-from .forward import (
-    _batch_dim,
-    _batch_rows,
-    _buffers_kept,
-    _check_inputs,
-    _forward,
-    _forward_primed,
-    _layout,
-    _prepare,
-    _through_resize,
-    unwrap,
-)
+from .forward import _buffers_kept, _check_inputs, _forward, _forward_primed, unwrap
 from .layers import LayerSpec, cached_default_layer, resolve_layers
+from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
 from .options import resolve_options
 from .registry import Registry, default_registry
@@ -195,14 +185,6 @@ def explain(
         return ex(x, target=target)
 
 
-def _target_major(g: Tensor, a: Tensor, n: int) -> Tensor:
-    """Gradients ``(K, *a.shape)`` of ``K`` targets as ``N * K`` sample-major rows, on the batch
-    dimension of the activations ``a`` (0, or 1 for sequence-first tokens)."""
-    if _batch_dim(a, n) == 1:
-        return g.movedim(0, 2).flatten(1, 2)
-    return g.transpose(0, 1).flatten(0, 1)
-
-
 def _run(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
@@ -253,9 +235,9 @@ def _run(
         target = ClassTarget(fwd.classes.reshape(-1))
         scores = scores.reshape(-1)
         grads = [
-            None if g is None else _target_major(g, a, n) for a, g in zip(acts, grads, strict=True)
+            None if g is None else target_major(g, a, n) for a, g in zip(acts, grads, strict=True)
         ]
-        acts = [_batch_rows(a, rep, n) for a in acts]
+        acts = [batch_rows(a, rep, n) for a in acts]
 
     # weights, sums and resampling in full precision even under the caller's autocast; the
     # model runs that methods ask for (ctx.score, ...) get the caller's autocast back
@@ -269,8 +251,8 @@ def _run(
         raws: dict[str, Tensor] = {}
         weights_out: dict[str, Tensor] = {}
         for (name, module), act, grad in zip(layers, acts, grads, strict=True):
-            layout = _layout(name, act, opts["reshape"], spatial, int(inputs[0].shape[0]))
-            activations, gradients = _prepare(name, act, grad, opts["reshape"], layout)
+            layout = layer_layout(name, act, opts["reshape"], spatial, int(inputs[0].shape[0]))
+            activations, gradients = prepare_maps(name, act, grad, opts["reshape"], layout)
             ctx = Context(
                 model=model,
                 inputs=inputs,
@@ -308,7 +290,7 @@ def _run(
             m = raw
             if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
                 if fwd.geometry is not None:
-                    m = _through_resize(m, fwd.geometry, several, spatial, opts["upsample"])
+                    m = cam.through_resize(m, fwd.geometry, several, spatial, opts["upsample"])
                 else:
                     m = cam.upsample(m, spatial, opts["upsample"])
             maps.append(m)

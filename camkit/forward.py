@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import cam
 from .capture import Capture
 from .errors import (
     CamkitError,
@@ -27,8 +26,7 @@ from .errors import (
     TargetError,
     user_stacklevel,
 )
-from .layers import has_spatial_extent
-from .layout import Layout, layout_or_error
+from .layout import batch_dim
 from .suffix import Primed, Replays, record_prefix
 from .targets import ClassTarget, MultiClassTarget, Target, select_output
 
@@ -281,11 +279,6 @@ def _forward(
     )
 
 
-def _batch_dim(a: Tensor, batch: int) -> int:
-    """1 for sequence-first tokens ``(T, N, C)``, else 0."""
-    return 1 if a.ndim >= 2 and a.shape[0] != batch and a.shape[1] == batch else 0
-
-
 def _forward_primed(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
@@ -315,7 +308,7 @@ def _forward_primed(
 
     def replace(a: Tensor) -> Tensor:
         copy = a.clone()
-        first = copy.select(_batch_dim(a, m), 0)
+        first = copy.select(batch_dim(a, m), 0)
         if bool(first.ne(0).any()):
             first.mul_(0.5)
         else:
@@ -344,7 +337,7 @@ def _forward_primed(
             raise _missing_layers(capture.missing())
         act = capture.activations[name]
         _check_layer_output(name, act, m)
-    bd = _batch_dim(act, m)
+    bd = batch_dim(act, m)
     replays = Replays(model, inputs, dict(kwargs), module, act, recorded, bd)
     try:
         raw = replays.output(act, index)
@@ -381,74 +374,3 @@ def _forward_primed(
         geometry=capture.geometry,
     )
     return forward, Primed(recorded, copy_layer)
-
-
-def _through_resize(
-    maps: Tensor,
-    geometry: tuple[tuple[int, int], list[tuple[int, int]]],
-    several: int,
-    size: tuple[int, ...],
-    mode: str,
-) -> Tensor:
-    """Maps of a model that resized and padded its inputs, back onto the inputs.
-
-    The layer saw the padded canvas: each map is upsampled to the canvas, cropped to its image's
-    resized extent (the padding lies right and below), and resized to the input's size.
-    """
-    canvas, sizes = geometry
-    out = []
-    for i in range(maps.shape[0]):
-        h, w = sizes[i // several] if several else sizes[i]
-        full = cam.upsample(maps[i : i + 1], canvas, mode)
-        out.append(cam.upsample(full[:, :h, :w], size, mode))
-    return torch.cat(out)
-
-
-def _layout(
-    name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...], batch: int
-) -> Layout | None:
-    """The layer's layout, or ``None`` when the caller's ``reshape`` takes its place."""
-    if reshape is not None:
-        return None
-    if a.ndim < 3:
-        _no_extent(name, a)
-    return layout_or_error(name, tuple(a.shape), input_spatial, batch)
-
-
-def _batch_rows(a: Tensor, rows: Tensor, batch: int) -> Tensor:
-    """Rows ``rows`` of a layer's output with ``batch`` rows on dimension 0, or on dimension 1
-    (sequence-first tokens)."""
-    if _batch_dim(a, batch) == 1:
-        return a.index_select(1, rows)
-    return a[rows]
-
-
-def _no_extent(name: str, a: Tensor) -> None:
-    raise LayerError(
-        f"layer {name!r} gives an output of shape {tuple(a.shape)}, which has no spatial "
-        "extent to map: expected (N, C, *S) with more than one position. Choose an earlier "
-        "layer (before global pooling or flattening), or pass reshape=... for token outputs."
-    )
-
-
-def _prepare(
-    name: str,
-    a: Tensor,
-    g: Tensor | None,
-    reshape: Callable[[Tensor], Tensor] | None,
-    layout: Layout | None,
-) -> tuple[Tensor, Tensor | None]:
-    """Activations and gradients as ``(N, C, *S)``, float32 for half-precision layers."""
-    a = a.detach()
-    if reshape is not None:
-        a = reshape(a)
-        g = reshape(g) if g is not None else None
-    elif layout is not None:
-        a = layout.to_maps(a)
-        g = layout.to_maps(g) if g is not None else None
-    if not has_spatial_extent(a):
-        _no_extent(name, a)
-    if a.dtype in (torch.float16, torch.bfloat16):  # weights and sums in float32
-        a = a.float()
-        g = g.float() if g is not None else None
-    return a, g
