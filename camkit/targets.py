@@ -4,6 +4,10 @@ Every target has ``scores(output, index) -> (M,)`` where ``output`` holds M rows
 ``(M,)`` long says which sample of the batch each row comes from. Methods that score copies of
 samples (noisy, masked, augmented) pass an ``index`` that repeats samples, so targets keep
 working for them.
+
+This module is also the scoring step of a call: :func:`as_target` builds the target from what
+the caller passed, :func:`scored_output` picks the part of the model output it scores, and
+:func:`score_target` does both on a captured output and checks the scores.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .detection import BoxTarget, box_iou
 from .errors import OptionError, TargetError
 
 __all__ = [
@@ -29,6 +34,9 @@ __all__ = [
     "Target",
     "TopK",
     "as_target",
+    "box_iou",
+    "score_target",
+    "scored_output",
     "select_output",
 ]
 
@@ -295,6 +303,52 @@ def _device(output: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def scored_output(output: Any, target: Target, choice: Any) -> Any:
+    """What ``target`` scores: class targets the selected output (:func:`select_output`);
+    other targets the raw output, unless the caller chose a part with the ``output`` option."""
+    if choice is None and not isinstance(target, ClassTarget):
+        return output
+    return select_output(output, choice)
+
+
+def score_target(
+    raw_output: Any, spec: Any, choice: Any, index: Tensor, n: int
+) -> tuple[Target, Tensor | None, Any, Tensor]:
+    """The scoring step: the target built from ``spec`` (:func:`as_target`) on the model output,
+    the output it scores and its scores ``(M,)`` (``(M, K)`` for several targets per sample),
+    checked finite and one per row.
+
+    Args:
+        raw_output: the model output, ``M`` rows.
+        spec: what the caller passed as ``target``, or a built target.
+        choice: the ``output`` option.
+        index: ``(M,)`` the sample of each row.
+        n: the batch size the target is built for.
+
+    Returns:
+        ``(target, classes, output, scores)``; ``classes`` as :func:`as_target` gives them.
+    """
+    target, classes = as_target(spec, select_output(raw_output, choice), n)
+    output = scored_output(raw_output, target, choice)
+    scores = target.scores(output, index)
+    m = int(index.shape[0])
+    if isinstance(scores, Tensor) and not (
+        bool(torch.isfinite(scores.sum())) or bool(torch.isfinite(scores).all())
+    ):
+        raise TargetError(
+            f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}...): "
+            "the model overflows or divides by zero on this input. Check the input's "
+            "preprocessing; for float16 models, try bfloat16 or float32."
+        )
+    several = isinstance(target, MultiClassTarget)
+    if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
+        pass  # (M, K): several targets per sample
+    elif not isinstance(scores, Tensor) or scores.shape != (m,):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise TargetError(f"the target must give one score per sample, ({m},); got {got}.")
+    return target, classes, output, scores
+
+
 # -- the targets library -------------------------------------------------------------------------
 def _per_row(value: Tensor, index: Tensor, n_rows: int) -> Tensor:
     """A per-sample value ``(N, ...)`` picked for each row by ``index``, or shared when 0-d."""
@@ -407,63 +461,3 @@ class SegmentationTarget:
         if mask.ndim == plane.ndim:  # per sample
             mask = mask[index.to(plane.device)]
         return (plane * mask).flatten(1).sum(1)
-
-
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of boxes ``(A, 4)`` and ``(B, 4)`` in ``(x1, y1, x2, y2)``: ``(A, B)``."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp_min(1e-12)
-
-
-class BoxTarget:
-    """Detection: the score of the predicted box matching each reference box.
-
-    For torchvision's detection output (a list with one dict of ``boxes``, ``labels`` and
-    ``scores`` per image), the score of a row is, summed over its reference boxes, the score of
-    the predicted box with the same label and the highest IoU, when that IoU reaches
-    ``iou_threshold`` (0 otherwise).
-
-    Args:
-        boxes: ``(B, 4)`` shared or a sequence of ``(B_n, 4)`` per sample, ``(x1, y1, x2, y2)``
-            in input pixels.
-        labels: ``(B,)`` or a sequence of ``(B_n,)``.
-        iou_threshold: the least IoU of a match.
-    """
-
-    def __init__(
-        self,
-        boxes: Tensor | Sequence[Tensor],
-        labels: Tensor | Sequence[Tensor],
-        iou_threshold: float = 0.5,
-    ) -> None:
-        self.boxes, self.labels, self.iou_threshold = boxes, labels, iou_threshold
-
-    def _ref(self, n: int) -> tuple[Tensor, Tensor]:
-        if isinstance(self.boxes, Tensor):
-            return self.boxes, torch.as_tensor(self.labels)
-        return self.boxes[n], torch.as_tensor(self.labels[n])
-
-    def scores(self, output: Any, index: Tensor) -> Tensor:
-        if not (isinstance(output, (list, tuple)) and all(isinstance(o, Mapping) for o in output)):
-            raise TargetError(
-                "BoxTarget expects torchvision's detection output, a list with one dict of "
-                f"boxes, labels and scores per image; got {type(output).__name__}."
-            )
-        rows = []
-        for m, det in enumerate(output):
-            ref_boxes, ref_labels = self._ref(int(index[m]))
-            pred = det["boxes"]
-            total = det["scores"].new_zeros(()) if len(det["scores"]) else pred.new_zeros(())
-            if len(pred) and len(ref_boxes):
-                iou = box_iou(ref_boxes.to(pred), pred)
-                same = ref_labels.to(pred.device)[:, None] == det["labels"][None, :]
-                iou = torch.where(same, iou, torch.zeros_like(iou))
-                best, at = iou.max(dim=1)
-                hit = best >= self.iou_threshold
-                total = total + (det["scores"][at] * hit).sum()
-            rows.append(total)
-        return torch.stack(rows)
