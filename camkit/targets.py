@@ -27,6 +27,7 @@ __all__ = [
     "ClassTarget",
     "DifferenceTarget",
     "FunctionTarget",
+    "LogitsTarget",
     "ProbabilityTarget",
     "RegressionTarget",
     "SegmentationTarget",
@@ -96,7 +97,29 @@ def _logits(output: Any) -> Tensor:
     return output
 
 
-class ClassTarget:
+class LogitsTarget:
+    """Base of the targets that score the logits ``(N, K)``: the part of the output the
+    ``output`` option selects (:func:`select_output`), with their classes range-checked.
+
+    Subclasses implement ``scores`` and ``check``, and say which class each sample's score is
+    about with :meth:`class_indices` (methods such as CAM, which use a class's classifier
+    weights, ask it).
+    """
+
+    def check(self, output: Any) -> None:
+        """Raise :class:`TargetError` when a class is out of range for the logits ``output``."""
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        """Score each row of ``output``: returns ``(M,)`` for ``index`` of shape ``(M,)``."""
+        raise NotImplementedError
+
+    def class_indices(self, n: int) -> Tensor | None:
+        """The one class each of ``n`` samples is scored for, ``(n,)`` long, or ``None`` when
+        the score is not one class's (a difference of two, several per sample)."""
+        return None
+
+
+class ClassTarget(LogitsTarget):
     """The output score of one class per sample: ``output[m, classes[index[m]]]``.
 
     Args:
@@ -108,18 +131,25 @@ class ClassTarget:
 
     def check(self, output: Any) -> None:
         """Raise :class:`TargetError` when a class is out of range for ``output``."""
-        k = _logits(output).shape[1]
-        bad = (self.classes < 0) | (self.classes >= k)
-        if bool(bad.any()):
-            raise TargetError(
-                f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
-                f"got {sorted(set(self.classes[bad].tolist()))}."
-            )
+        _check_range(self.classes, _logits(output).shape[1])
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         logits = _logits(output)
         rows = torch.arange(logits.shape[0], device=logits.device)
         return logits[rows, self.classes.to(logits.device)[index.to(logits.device)]]
+
+    def class_indices(self, n: int) -> Tensor | None:
+        """``classes``, one per sample."""
+        return self.classes
+
+
+def _check_range(classes: Tensor, k: int) -> None:
+    bad = (classes < 0) | (classes >= k)
+    if bool(bad.any()):
+        raise TargetError(
+            f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
+            f"got {sorted(set(classes[bad].tolist()))}."
+        )
 
 
 class FunctionTarget:
@@ -154,18 +184,6 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
-def _rows(output: Any) -> int:
-    if isinstance(output, Tensor):
-        return int(output.shape[0])
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return int(output[0].shape[0])
-    if isinstance(output, dict):
-        for v in output.values():
-            if isinstance(v, Tensor):
-                return int(v.shape[0])
-    raise TargetError(f"cannot tell the number of rows of a model output of type {type(output)}.")
-
-
 def _accepts_two_args(fn: Callable[..., Any]) -> bool:
     try:
         sig = inspect.signature(fn)
@@ -194,7 +212,11 @@ class MultiClassTarget(ClassTarget):
     """Several classes per sample, ``classes`` ``(N, K)``; ``scores`` gives ``(M, K)``."""
 
     def check(self, output: Any) -> None:
-        ClassTarget(self.classes.reshape(-1)).check(output)
+        _check_range(self.classes.reshape(-1), _logits(output).shape[1])
+
+    def class_indices(self, n: int) -> Tensor | None:
+        """``None``: ``K`` classes per sample (the call explains them as ``N * K`` rows)."""
+        return None
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         logits = _logits(output)
@@ -282,7 +304,7 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
             )
         classes = t.to(device=_device(output), dtype=torch.long)
     elif isinstance(target, Target):
-        if isinstance(target, ClassTarget):
+        if isinstance(target, LogitsTarget):
             target.check(output)
         return target, None
     elif callable(target):
@@ -304,9 +326,10 @@ def _device(output: Any) -> torch.device:
 
 
 def scored_output(output: Any, target: Target, choice: Any) -> Any:
-    """What ``target`` scores: class targets the selected output (:func:`select_output`);
-    other targets the raw output, unless the caller chose a part with the ``output`` option."""
-    if choice is None and not isinstance(target, ClassTarget):
+    """What ``target`` scores: a :class:`LogitsTarget` the selected output
+    (:func:`select_output`); other targets the raw output, unless the caller chose a part with
+    the ``output`` option."""
+    if choice is None and not isinstance(target, LogitsTarget):
         return output
     return select_output(output, choice)
 
@@ -350,14 +373,7 @@ def score_target(
 
 
 # -- the targets library -------------------------------------------------------------------------
-def _per_row(value: Tensor, index: Tensor, n_rows: int) -> Tensor:
-    """A per-sample value ``(N, ...)`` picked for each row by ``index``, or shared when 0-d."""
-    if value.ndim == 0:
-        return value.expand(n_rows)
-    return value.to(index.device)[index]
-
-
-class ProbabilityTarget(ClassTarget):
+class ProbabilityTarget(LogitsTarget):
     """The softmax probability of a class: ``softmax(logits)[m, classes[index[m]]]``.
 
     Args:
@@ -365,7 +381,10 @@ class ProbabilityTarget(ClassTarget):
     """
 
     def __init__(self, classes: int | Sequence[int] | Tensor) -> None:
-        super().__init__(torch.as_tensor(classes, dtype=torch.long).reshape(-1))
+        self.classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+
+    def check(self, output: Any) -> None:
+        _check_range(self.classes, _logits(output).shape[1])
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         logits = _logits(output)
@@ -374,12 +393,25 @@ class ProbabilityTarget(ClassTarget):
         chosen = classes.expand(logits.shape[0]) if classes.numel() == 1 else classes[index]
         return p[torch.arange(p.shape[0], device=p.device), chosen]
 
+    def class_indices(self, n: int) -> Tensor | None:
+        """The class of each of ``n`` samples (the one class repeated, when one is given)."""
+        if self.classes.numel() == 1:
+            return self.classes.expand(n)
+        if self.classes.numel() != n:
+            raise TargetError(
+                f"ProbabilityTarget holds {self.classes.numel()} classes for a batch of {n} "
+                "samples; pass one class per sample, or a single int for all."
+            )
+        return self.classes
 
-class DifferenceTarget(ClassTarget):
-    """How much more the model scores class ``a`` than class ``b``: ``logit_a - logit_b``."""
+
+class DifferenceTarget(LogitsTarget):
+    """How much more the model scores class ``a`` than class ``b``: ``logit_a - logit_b``.
+
+    It scores no single class: :meth:`class_indices` is ``None``.
+    """
 
     def __init__(self, a: int, b: int) -> None:
-        super().__init__(torch.tensor([a, b]))
         self.a, self.b = a, b
 
     def check(self, output: Any) -> None:
