@@ -1,24 +1,31 @@
-"""``aug_smooth``: test-time augmentation, as batched copies mapped back and averaged."""
+"""``aug_smooth``: test-time augmentation, as batched copies mapped back and averaged.
+
+:func:`camkit.explain` drives it: the plain call on the inputs (the identity, which fixes the
+classes explained: for ``target=None``, those predicted on the original inputs), then one
+batched call on the other copies (:func:`augmented_inputs`, :func:`copies_target`: horizontal
+flip; intensities x0.9 and x1.1), then :func:`average`: flipped maps, raw maps and element-wise
+weights are flipped back before averaging, and the mean map is normalised again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import cam
 from .errors import OptionError
-from .method import Method
 from .result import CamResult
 from .targets import Target, as_target
+
+__all__ = ["AUG_FACTORS", "augmentations", "augmented_inputs", "average", "copies_target"]
 
 #: Intensity factors of the ``scale`` augmentation (the identity, 1.0, is always included).
 AUG_FACTORS = (0.9, 1.1)
 
 
-def _augmentations(spec: Any, first: Tensor) -> list[tuple[bool, float]]:
+def augmentations(spec: Any, first: Tensor) -> list[tuple[bool, float]]:
     """``(flip, factor)`` pairs for ``aug_smooth``, the identity first."""
     names = ("hflip", "scale") if spec is True else tuple(spec)
     if "hflip" in names and first.ndim < 4:
@@ -46,42 +53,35 @@ class _IndexedTarget:
         return self.target.scores(output, self.index.to(index.device)[index])
 
 
-def _run_augmented(
-    model: nn.Module,
-    inputs: tuple[Tensor, ...],
-    kwargs: dict[str, Any],
-    layers: list[tuple[str, nn.Module]],
-    method: Method,
-    target_spec: Any,
-    opts: Mapping[str, Any],
-) -> CamResult:
-    """``aug_smooth``: the mean of the maps of augmented copies, each mapped back.
-
-    The identity runs first and fixes the classes explained (for ``target=None``, those predicted
-    on the original inputs); the other copies (horizontal flip; intensities x0.9 and x1.1) run as
-    one batched call. Flipped maps, raw maps and element-wise weights are flipped back before
-    averaging; the mean map is normalised again.
-    """
-    from .explain import _run  # the plain call, for the identity and the copies
-
-    augs = _augmentations(opts["aug_smooth"], inputs[0])
-    plain = {**opts, "aug_smooth": False}
-    base = _run(model, inputs, kwargs, layers, method, target_spec, plain)
-    if len(augs) == 1:
-        return base
+def augmented_inputs(
+    inputs: tuple[Tensor, ...], augs: list[tuple[bool, float]]
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """The copies of every augmentation but the identity (the first), as one batch
+    ``(K * N, ...)`` (augmentation-major), and the sample of each row ``(K * N,)``. Further
+    input tensors are repeated unchanged."""
     n, k = int(inputs[0].shape[0]), len(augs) - 1
     index = torch.arange(n, device=inputs[0].device).repeat(k)
     copies = torch.cat(
         [(inputs[0].flip(-1) if flip else inputs[0]) * factor for flip, factor in augs[1:]]
     )
-    target: Any
-    if base.targets is not None:
-        target = base.targets[index]
-    else:
-        target = _IndexedTarget(as_target(target_spec, None, n)[0], index)
-    extra = tuple(t[index] for t in inputs[1:])
-    res = _run(model, (copies, *extra), kwargs, layers, method, target, plain)
-    flips = torch.tensor([flip for flip, _ in augs[1:]], device=copies.device).repeat_interleave(n)
+    return (copies, *(t[index] for t in inputs[1:])), index
+
+
+def copies_target(classes: Tensor | None, spec: Any, index: Tensor, n: int) -> Any:
+    """The target of the copies: the classes the identity explained, per row, or the caller's
+    target scoring each row as its sample (``index``)."""
+    if classes is not None:
+        return classes[index]
+    return _IndexedTarget(as_target(spec, None, n)[0], index)
+
+
+def average(
+    base: CamResult, res: CamResult, augs: list[tuple[bool, float]], normalize: bool
+) -> CamResult:
+    """The mean of the identity's result ``base`` and the copies' ``res``, each mapped back."""
+    n, k = int(base.maps.shape[0]), len(augs) - 1
+    flips = torch.tensor([flip for flip, _ in augs[1:]], device=res.maps.device)
+    flips = flips.repeat_interleave(n)
 
     def back(t: Tensor, spatial_from: int) -> Tensor:
         """Un-flip the flipped copies of ``t`` ``(k*n, ...)`` and split them ``(k, n, ...)``."""
@@ -94,7 +94,7 @@ def _run_augmented(
         return torch.cat([identity.unsqueeze(0), back(copies_t, spatial_from)]).mean(0)
 
     maps = mean(base.maps, res.maps, 1)
-    if opts["normalize"]:
+    if normalize:
         maps = cam.normalize(maps)
 
     def merge(a: Tensor | dict[str, Tensor], b: Tensor | dict[str, Tensor], sp: int) -> Any:

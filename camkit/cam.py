@@ -24,6 +24,7 @@ __all__ = [
     "fuse_mean",
     "normalize",
     "principal_component",
+    "through_resize",
     "upsample",
     "weighted_sum",
 ]
@@ -138,3 +139,26 @@ def upsample(maps: Tensor, size: Sequence[int], mode: str | None) -> Tensor:
 def fuse_mean(maps: Sequence[Tensor]) -> Tensor:
     """Fuse per-layer maps of one shape ``(N, *S)`` by their mean."""
     return torch.stack(list(maps)).mean(dim=0)
+
+
+def through_resize(
+    maps: Tensor,
+    geometry: tuple[tuple[int, int], list[tuple[int, int]]],
+    several: int,
+    size: tuple[int, ...],
+    mode: str,
+) -> Tensor:
+    """Maps ``(M, h, w)`` of a model that resized and padded its inputs, back onto the inputs.
+
+    The layer saw the padded canvas (``geometry``: the canvas size and each image's resized
+    size): each map is upsampled to the canvas, cropped to its image's resized extent (the
+    padding lies right and below), and resized to ``size``. ``several``: ``K`` maps per image
+    (rows sample-major), or 0 for one.
+    """
+    canvas, sizes = geometry
+    out = []
+    for i in range(maps.shape[0]):
+        h, w = sizes[i // several] if several else sizes[i]
+        full = upsample(maps[i : i + 1], canvas, mode)
+        out.append(upsample(full[:, :h, :w], size, mode))
+    return torch.cat(out)

@@ -1,49 +1,48 @@
 """``camkit.explain`` and ``camkit.Explainer``: one call, top to bottom.
 
-1. check the inputs and resolve the target layer(s);
-2. open a :class:`~camkit.capture.Capture` for this call and run the forward;
-3. turn the target into one score per sample;
-4. if the method needs them, ``torch.autograd.grad`` of the scores to the activations only;
-5. the method computes weights; the core combines, applies ReLU, normalises, upsamples, fuses;
+1. check the inputs (:mod:`camkit.forward`), resolve the target layer(s)
+   (:mod:`camkit.layers`) and build the :class:`~camkit.call.Call`;
+2. capture: run the forward through a :class:`~camkit.capture.Capture`
+   (:func:`camkit.forward.captured_forward`, or :func:`camkit.suffix.primed_forward` for
+   methods that re-run the part after the layer);
+3. score: turn the target into one score per sample (:func:`camkit.targets.score_target`) and,
+   if the method needs them, ``torch.autograd.grad`` of the scores to the activations only;
+4. weights per layer: the layer's layout (:mod:`camkit.layout`), the method's
+   :class:`~camkit.method.Context` with its capabilities (:mod:`camkit.capabilities`,
+   :mod:`camkit.suffix`), the method's weights and combination, ReLU, upsampling
+   (:mod:`camkit.cam`);
+5. combine: fuse the layers' maps and normalise;
 6. return a :class:`~camkit.result.CamResult`; nothing of the call stays on the model.
 
-Steps 1 to 4 live in :mod:`camkit.forward`, the capabilities a method's context carries in
-:mod:`camkit.capabilities`, and ``aug_smooth`` in :mod:`camkit.augment`.
+``aug_smooth`` runs steps 2 to 6 on the inputs and on their augmented copies
+(:mod:`camkit.augment`) and averages the results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import cam
-from .augment import _run_augmented
-from .capabilities import _autocast_state, _recapturer, _scorer, _suffix_runner
+from . import augment, cam
+from .call import Call, autocast_state
+from .capabilities import recapturer, scorer
 from .errors import InputError, LayerError, PluginError
-from .forward import (
-    _batch_dim,
-    _batch_rows,
-    _buffers_kept,
-    _check_inputs,
-    _forward,
-    _forward_primed,
-    _layout,
-    _prepare,
-    _through_resize,
-    unwrap,
-)
+from .forward import Forward, buffers_kept, captured_forward, check_inputs, unwrap
 from .layers import LayerSpec, cached_default_layer, resolve_layers
+from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
 from .options import resolve_options
 from .registry import Registry, default_registry
+from .replay import Primed
 from .result import CamResult
-from .suffix import Primed
-from .targets import ClassTarget, Target, as_target
+from .suffix import primed_forward, suffix_runner
+from .targets import ClassTarget
 
 __all__ = ["Explainer", "explain"]
 
@@ -132,13 +131,20 @@ class Explainer:
             if options
             else self.options
         )
-        inputs = _check_inputs(x)
+        inputs = check_inputs(x)
         kwargs = dict(opts["model_kwargs"] or {})
-        layers = self._layers(model, inputs, kwargs)
-        with _buffers_kept(model):
-            if opts["aug_smooth"]:
-                return _run_augmented(model, inputs, kwargs, layers, self.method, target, opts)
-            return _run(model, inputs, kwargs, layers, self.method, target, opts)
+        call = Call(
+            model=model,
+            inputs=inputs,
+            kwargs=kwargs,
+            layers=self._layers(model, inputs, kwargs),
+            method=self.method,
+            target=target,
+            options=opts,
+            autocast=autocast_state(inputs[0].device.type),
+        )
+        with buffers_kept(model):
+            return _run_augmented(call) if opts["aug_smooth"] else _run(call)
 
     def _layers(
         self, model: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Any]
@@ -159,7 +165,7 @@ class Explainer:
             tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
             tuple(sorted(kwargs)),
         )
-        with _buffers_kept(model):
+        with buffers_kept(model):
             name = cached_default_layer(
                 model,
                 key,
@@ -195,148 +201,176 @@ def explain(
         return ex(x, target=target)
 
 
-def _target_major(g: Tensor, a: Tensor, n: int) -> Tensor:
-    """Gradients ``(K, *a.shape)`` of ``K`` targets as ``N * K`` sample-major rows, on the batch
-    dimension of the activations ``a`` (0, or 1 for sequence-first tokens)."""
-    if _batch_dim(a, n) == 1:
-        return g.movedim(0, 2).flatten(1, 2)
-    return g.transpose(0, 1).flatten(0, 1)
+@dataclass(frozen=True)
+class _Captured:
+    """The captured forward, rows and layers as the weights see them: layers in the order they
+    ran (fusion rules tell shallow from deep); with ``several`` (``K``) targets per sample the
+    ``N`` samples become ``N * K`` sample-major rows of ``call``."""
+
+    call: Call  # inputs and target of the rows
+    fwd: Forward
+    output: Any
+    scores: Tensor
+    activations: list[Tensor]
+    gradients: list[Tensor | None]
+    several: int
+    primed: Primed | None
 
 
-def _run(
-    model: nn.Module,
-    inputs: tuple[Tensor, ...],
-    kwargs: dict[str, Any],
-    layers: list[tuple[str, nn.Module]],
-    method: Method,
-    target_spec: Any,
-    opts: Mapping[str, Any],
-) -> CamResult:
-    n = int(inputs[0].shape[0])
-    names = [name for name, _ in layers]
-    rows = torch.arange(n, device=inputs[0].device)
+def _run(call: Call) -> CamResult:
+    """One call without ``aug_smooth``: capture and score, weights per layer, combine, result."""
+    got = _capture(call)
+    # weights, sums and resampling in full precision even under the caller's autocast; the
+    # model runs that methods ask for (ctx.score, ...) get the caller's autocast back
+    with torch.autocast(device_type=call.device.type, enabled=False):
+        raws, weights, maps = _weights_per_layer(got)
+        final = _combine(got, maps)
+    return _result(got, final, raws, weights)
 
-    def make_target(output: Any) -> tuple[Target, Tensor | None]:
-        return as_target(target_spec, output, n)
 
-    primed: Primed | None = None
+def _run_augmented(call: Call) -> CamResult:
+    """``aug_smooth``: the plain call on the inputs, one batched call on the augmented copies
+    (target: the classes the first explained), and their mean (see :mod:`camkit.augment`)."""
+    augs = augment.augmentations(call.options["aug_smooth"], call.inputs[0])
+    plain = dataclasses.replace(call, options={**call.options, "aug_smooth": False})
+    base = _run(plain)
+    if len(augs) == 1:
+        return base
+    inputs, index = augment.augmented_inputs(call.inputs, augs)
+    target = augment.copies_target(base.targets, call.target, index, call.n)
+    res = _run(dataclasses.replace(plain, inputs=inputs, target=target))
+    return augment.average(base, res, augs, call.options["normalize"])
+
+
+def _capture(call: Call) -> _Captured:
+    """Steps 2 and 3: the captured forward with the target scored (and differentiated)."""
+    method, n = call.method, call.n
+    rows = torch.arange(n, device=call.device)
     got = None
     if (
         method.uses_run_suffix
         and not method.needs_gradients
-        and len(layers) == 1
-        and opts["reshape"] is None
+        and len(call.layers) == 1
+        and call.options["reshape"] is None
     ):
         # the explained forward records the prefix and checks the replay itself
-        got = _forward_primed(model, inputs, kwargs, layers[0], opts, make_target, rows)
-    if got is not None:
-        fwd, primed = got
-    else:
-        fwd = _forward(
-            model, inputs, kwargs, layers, method.needs_gradients, opts, make_target, rows
-        )
-    output, target, scores = fwd.output, fwd.target, fwd.scores
-    several = fwd.classes.shape[1] if fwd.classes is not None and fwd.classes.ndim == 2 else 0
-    # from here on, layers in the order they ran: fusion rules tell shallow from deep
+        got = primed_forward(call, rows)
+    fwd, primed = (
+        got if got is not None else (captured_forward(call, method.needs_gradients, rows), None)
+    )
+    classes = fwd.classes
+    several = classes.shape[1] if classes is not None and classes.ndim == 2 else 0
     ranks = {name: i for i, name in enumerate(fwd.order)}
-    order = sorted(range(len(layers)), key=lambda i: ranks[layers[i][0]])
-    layers = [layers[i] for i in order]
-    names = [names[i] for i in order]
+    order = sorted(range(len(call.layers)), key=lambda i: ranks[call.layers[i][0]])
+    layers = [call.layers[i] for i in order]
     acts = [fwd.activations[i] for i in order]
     grads = [fwd.gradients[i] for i in order]
+    inputs, output, target, scores = call.inputs, fwd.output, fwd.target, fwd.scores
     if several:
+        assert classes is not None
         # N samples x K targets become N * K rows, sample-major; gradients come (K, N, ...)
-        rep = torch.arange(n, device=inputs[0].device).repeat_interleave(several)
+        rep = rows.repeat_interleave(several)
         inputs = tuple(t[rep] for t in inputs)
         output = output[rep] if isinstance(output, Tensor) else output
-        assert fwd.classes is not None
-        target = ClassTarget(fwd.classes.reshape(-1))
+        target = ClassTarget(classes.reshape(-1))
         scores = scores.reshape(-1)
         grads = [
-            None if g is None else _target_major(g, a, n) for a, g in zip(acts, grads, strict=True)
+            None if g is None else target_major(g, a, n) for a, g in zip(acts, grads, strict=True)
         ]
-        acts = [_batch_rows(a, rep, n) for a in acts]
+        acts = [batch_rows(a, rep, n) for a in acts]
+    return _Captured(
+        call=dataclasses.replace(call, inputs=inputs, layers=layers, target=target),
+        fwd=fwd,
+        output=output,
+        scores=scores,
+        activations=acts,
+        gradients=grads,
+        several=several,
+        primed=primed if not several else None,
+    )
 
-    # weights, sums and resampling in full precision even under the caller's autocast; the
-    # model runs that methods ask for (ctx.score, ...) get the caller's autocast back
-    device_type = inputs[0].device.type
-    caller_autocast = _autocast_state(device_type)
-    with torch.autocast(device_type=device_type, enabled=False):
-        generator = torch.Generator(device=inputs[0].device).manual_seed(opts["seed"])
-        score_fn = _scorer(model, kwargs, target, opts)
-        spatial = tuple(inputs[0].shape[2:])
-        maps: list[Tensor] = []
-        raws: dict[str, Tensor] = {}
-        weights_out: dict[str, Tensor] = {}
-        for (name, module), act, grad in zip(layers, acts, grads, strict=True):
-            layout = _layout(name, act, opts["reshape"], spatial, int(inputs[0].shape[0]))
-            activations, gradients = _prepare(name, act, grad, opts["reshape"], layout)
-            ctx = Context(
-                model=model,
-                inputs=inputs,
-                output=output,
-                layer=name,
-                activations=activations,
-                gradients=gradients,
-                scores=scores,
-                target=target,
-                options=opts,
-                generator=generator,
-                score=score_fn,
-                run_suffix=_suffix_runner(
-                    model,
-                    inputs,
-                    kwargs,
-                    (name, module),
-                    act,
-                    layout,
-                    target,
-                    opts,
-                    caller_autocast,
-                    primed if not several else None,
-                ),
-                recapture=_recapturer(
-                    model, kwargs, (name, module), method, target, opts, caller_autocast
-                ),
-            )
-            w = method.weights(ctx)
-            _check_weights(method, w, activations)
-            raw = method.combine(ctx, w).detach()
-            if opts["relu"]:
-                raw = raw.clamp_min(0)
-            raws[name], weights_out[name] = raw, w.detach()
-            m = raw
-            if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
-                if fwd.geometry is not None:
-                    m = _through_resize(m, fwd.geometry, several, spatial, opts["upsample"])
-                else:
-                    m = cam.upsample(m, spatial, opts["upsample"])
-            maps.append(m)
-        if len(maps) > 1:
-            size = max((tuple(m.shape[1:]) for m in maps), key=math.prod)
-            maps = [cam.upsample(m, size, "auto") for m in maps]
-            final = method.fuse(maps, opts)
-        else:
-            final = maps[0]
-        # normalised after upsampling (and fusion), so that every map spans exactly [0, 1]
-        final = cam.normalize(final) if opts["normalize"] else final
-    single = len(names) == 1
+
+def _weights_per_layer(
+    got: _Captured,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], list[Tensor]]:
+    """Step 4: per layer, the method's weights and map, ReLU and upsampling to the input."""
+    call = got.call
+    opts, method, target, spatial = call.options, call.method, call.target, call.spatial
+    generator = torch.Generator(device=call.device).manual_seed(opts["seed"])
+    score_fn = scorer(call, target)
+    maps: list[Tensor] = []
+    raws: dict[str, Tensor] = {}
+    weights: dict[str, Tensor] = {}
+    for (name, module), act, grad in zip(call.layers, got.activations, got.gradients, strict=True):
+        layout = layer_layout(name, act, opts["reshape"], spatial, call.n)
+        activations, gradients = prepare_maps(name, act, grad, opts["reshape"], layout)
+        ctx = Context(
+            model=call.model,
+            inputs=call.inputs,
+            output=got.output,
+            layer=name,
+            activations=activations,
+            gradients=gradients,
+            scores=got.scores,
+            target=target,
+            options=opts,
+            generator=generator,
+            score=score_fn,
+            run_suffix=suffix_runner(call, (name, module), act, layout, target, got.primed),
+            recapture=recapturer(call, (name, module), target),
+        )
+        w = method.weights(ctx)
+        _check_weights(method, w, activations)
+        raw = method.combine(ctx, w).detach()
+        if opts["relu"]:
+            raw = raw.clamp_min(0)
+        raws[name], weights[name] = raw, w.detach()
+        m = raw
+        if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
+            if got.fwd.geometry is not None:
+                m = cam.through_resize(m, got.fwd.geometry, got.several, spatial, opts["upsample"])
+            else:
+                m = cam.upsample(m, spatial, opts["upsample"])
+        maps.append(m)
+    return raws, weights, maps
+
+
+def _combine(got: _Captured, maps: list[Tensor]) -> Tensor:
+    """Step 5: the layers' maps fused at the largest size, then normalised, so that every map
+    spans exactly [0, 1]."""
+    opts = got.call.options
+    if len(maps) > 1:
+        size = max((tuple(m.shape[1:]) for m in maps), key=math.prod)
+        maps = [cam.upsample(m, size, "auto") for m in maps]
+        final = got.call.method.fuse(maps, opts)
+    else:
+        final = maps[0]
+    return cam.normalize(final) if opts["normalize"] else final
+
+
+def _result(
+    got: _Captured, final: Tensor, raws: dict[str, Tensor], weights: dict[str, Tensor]
+) -> CamResult:
+    """Step 6: the result, ``(N, K, ...)`` per sample for several targets."""
+    names = [name for name, _ in got.call.layers]
+    n, several = got.fwd.scores.shape[0], got.several
 
     def per_sample(t: Tensor) -> Tensor:  # (N * K, ...) -> (N, K, ...)
         return t.reshape(n, several, *t.shape[1:]) if several else t
 
+    def per_layer(d: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        return (
+            per_sample(d[names[0]]) if len(names) == 1 else {k: per_sample(v) for k, v in d.items()}
+        )
+
     return CamResult(
         maps=per_sample(final.float()),
-        raw=per_sample(raws[names[0]]) if single else {k: per_sample(v) for k, v in raws.items()},
-        weights=(
-            per_sample(weights_out[names[0]])
-            if single
-            else {k: per_sample(v) for k, v in weights_out.items()}
-        ),
-        targets=fwd.classes,
-        scores=per_sample(scores),
-        layer=names[0] if single else names,
-        method=method.name,
+        raw=per_layer(raws),
+        weights=per_layer(weights),
+        targets=got.fwd.classes,
+        scores=per_sample(got.scores),
+        layer=names[0] if len(names) == 1 else names,
+        method=got.call.method.name,
     )
 
 

@@ -1,15 +1,15 @@
-"""One captured forward, and what it needs: input checks, model state, gradients, layouts.
+"""The captured forward, and what it needs: input checks, model state, gradients.
 
-:func:`_forward` runs the model once through a :class:`~camkit.capture.Capture`, turns the
-target into scores and, when asked, differentiates them to the target layers only. The helpers
-around it check the inputs, keep the model's buffers, unwrap wrappers, and turn a layer's output
-(and gradient) into channels-first maps.
+:func:`captured_forward` runs the model once through a :class:`~camkit.capture.Capture`, scores
+the target (:func:`camkit.targets.score_target`) and, when asked, differentiates the scores to
+the target layers only. The helpers around it check the inputs, keep the model's buffers and
+unwrap wrappers.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -17,23 +17,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import cam
+from .call import Call
 from .capture import Capture
-from .errors import (
-    CamkitError,
-    CamkitWarning,
-    InputError,
-    LayerError,
-    TargetError,
-    user_stacklevel,
-)
-from .layers import has_spatial_extent
-from .layout import Layout, layout_or_error
-from .suffix import Primed, Replays, record_prefix
-from .targets import ClassTarget, MultiClassTarget, Target, select_output
+from .errors import CamkitWarning, InputError, LayerError, user_stacklevel
+from .targets import Target, score_target
+
+__all__ = [
+    "FLOAT16_SCALE",
+    "Forward",
+    "buffers_kept",
+    "captured_forward",
+    "check_inputs",
+    "check_layer_output",
+    "detector_transform",
+    "missing_layers",
+    "unwrap",
+]
 
 
-def _check_inputs(x: Any) -> tuple[Tensor, ...]:
+def check_inputs(x: Any) -> tuple[Tensor, ...]:
     inputs = x if isinstance(x, tuple) else (x,)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         got = type(x).__name__ if not isinstance(x, tuple) else [type(t).__name__ for t in x]
@@ -90,16 +92,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def scored_output(output: Any, target: Target, choice: Any) -> Any:
-    """What ``target`` scores: class targets the selected output (:func:`select_output`);
-    other targets the raw output, unless the caller chose a part with the ``output`` option."""
-    if choice is None and not isinstance(target, ClassTarget):
-        return output
-    return select_output(output, choice)
-
-
 @contextmanager
-def _buffers_kept(model: nn.Module) -> Iterator[None]:
+def buffers_kept(model: nn.Module) -> Iterator[None]:
     """Restore every buffer afterwards when some module is in training mode."""
     if not any(m.training for m in model.modules()):
         yield
@@ -126,7 +120,7 @@ def _non_finite(name: str, what: str, t: Tensor) -> str:
     )
 
 
-def _check_layer_output(name: str, a: Tensor, batch: int) -> None:
+def check_layer_output(name: str, a: Tensor, batch: int) -> None:
     """The layer's output holds one row per sample (or is sequence-first) and is finite."""
     if a.ndim >= 2 and a.shape[0] != batch and a.shape[1] != batch:
         raise LayerError(
@@ -176,7 +170,7 @@ def _gradients(scores: Tensor, acts: list[Tensor]) -> list[Tensor | None]:
 
 
 @dataclass
-class _Forward:
+class Forward:
     """What one captured forward gives: the scored output, the target and per-layer tensors."""
 
     output: Any
@@ -189,67 +183,38 @@ class _Forward:
     geometry: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
 
 
-def _missing_layers(missing: list[str]) -> LayerError:
+def missing_layers(missing: list[str]) -> LayerError:
     return LayerError(
         f"layer(s) {', '.join(map(repr, missing))} did not run in the model's forward on this "
         "input; choose layers the forward uses (camkit.layers(model, x))."
     )
 
 
-def _target_scores(
-    raw_output: Any,
-    opts: Mapping[str, Any],
-    make_target: Callable[[Any], tuple[Target, Tensor | None]],
-    index: Tensor,
-    m: int,
-) -> tuple[Target, Tensor | None, Any, Tensor]:
-    """The target made from the model's output, the scored output and the scores ``(M,)``
-    (``(M, K)`` for several targets per sample), checked."""
-    target, classes = make_target(select_output(raw_output, opts["output"]))
-    output = scored_output(raw_output, target, opts["output"])
-    scores = target.scores(output, index)
-    if isinstance(scores, Tensor) and not _finite(scores):
-        raise TargetError(
-            f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}...): "
-            "the model overflows or divides by zero on this input. Check the input's "
-            "preprocessing; for float16 models, try bfloat16 or float32."
-        )
-    several = isinstance(target, MultiClassTarget)
-    if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
-        pass  # (M, K): several targets per sample
-    elif not isinstance(scores, Tensor) or scores.shape != (m,):
-        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise TargetError(f"the target must give one score per sample, ({m},); got {got}.")
-    return target, classes, output, scores
+def detector_transform(model: nn.Module) -> nn.Module | None:
+    """The resize-and-pad transform of a torchvision detector, whose geometry maps follow back."""
+    transform = getattr(model, "transform", None)
+    return transform if isinstance(transform, nn.Module) else None
 
 
-def _forward(
-    model: nn.Module,
-    inputs: tuple[Tensor, ...],
-    kwargs: Mapping[str, Any],
-    layers: list[tuple[str, nn.Module]],
-    needs_gradients: bool,
-    opts: Mapping[str, Any],
-    make_target: Callable[[Any], tuple[Target, Tensor | None]],
-    index: Tensor,
-) -> _Forward:
-    """One forward through a fresh capture; gradients of the scores to the layers if needed."""
-    names = [name for name, _ in layers]
-    m = int(inputs[0].shape[0])
-    transform = getattr(model, "transform", None)  # torchvision detection resizes and pads
+def captured_forward(call: Call, needs_gradients: bool, index: Tensor) -> Forward:
+    """One forward of ``call.inputs`` through a fresh capture of ``call.layers``; the target
+    scored (``index``: the sample of each row); gradients of the scores to the layers if
+    ``needs_gradients``."""
+    names = [name for name, _ in call.layers]
+    m = int(call.inputs[0].shape[0])
     capture = Capture(
-        layers,
-        needs_gradients=needs_gradients,
-        transform=transform if isinstance(transform, nn.Module) else None,
+        call.layers, needs_gradients=needs_gradients, transform=detector_transform(call.model)
     )
     with capture:
-        raw_output = model(*inputs, **kwargs)
+        raw_output = call.model(*call.inputs, **call.kwargs)
         missing = capture.missing()
         if missing:
-            raise _missing_layers(missing)
+            raise missing_layers(missing)
         for name in names:
-            _check_layer_output(name, capture.activations[name], m)
-        target, classes, output, scores = _target_scores(raw_output, opts, make_target, index, m)
+            check_layer_output(name, capture.activations[name], m)
+        target, classes, output, scores = score_target(
+            raw_output, call.target, call.options["output"], index, call.n
+        )
         acts = [capture.activations[name] for name in names]
         grads: list[Tensor | None] = [None] * len(acts)
         if needs_gradients:
@@ -269,7 +234,7 @@ def _forward(
                 if not _finite(g):
                     raise LayerError(_non_finite(name, "gradients", g))
             grads = list(found)
-    return _Forward(
+    return Forward(
         output=output,
         target=target,
         classes=classes,
@@ -279,176 +244,3 @@ def _forward(
         order=list(capture.activations),
         geometry=capture.geometry,
     )
-
-
-def _batch_dim(a: Tensor, batch: int) -> int:
-    """1 for sequence-first tokens ``(T, N, C)``, else 0."""
-    return 1 if a.ndim >= 2 and a.shape[0] != batch and a.shape[1] == batch else 0
-
-
-def _forward_primed(
-    model: nn.Module,
-    inputs: tuple[Tensor, ...],
-    kwargs: Mapping[str, Any],
-    layer: tuple[str, nn.Module],
-    opts: Mapping[str, Any],
-    make_target: Callable[[Any], tuple[Target, Tensor | None]],
-    index: Tensor,
-) -> tuple[_Forward, Primed] | None:
-    """The explained forward of a method that uses ``ctx.run_suffix``, without gradients, one
-    layer: the forward that explains also records the prefix and checks the replay.
-
-    The layer's output is captured as usual, but the rest of the model sees it with the first
-    sample scaled by 1/2 (set to ones where it is all zero): that forward's output is the exact
-    output of a perturbed copy. The explained output is the replay of the captured output; the
-    replay of the perturbed copy must match the forward's score of it, and the replayed scores
-    of the other samples the forward's. Then ``ctx.run_suffix`` needs no forward of its own:
-    one forward fewer than :func:`_forward` and a later check. Returns ``None`` where the replay
-    is not exact or raises: the caller then runs :func:`_forward`, and ``ctx.run_suffix``
-    checks (and warns) on its own. With several targets per sample (scores ``(N, K)``) every
-    target's score is compared; the record is for the ``N`` samples, so the caller hands it to
-    ``ctx.run_suffix`` only for one target per sample.
-    """
-    name, module = layer
-    m = int(inputs[0].shape[0])
-    perturbed: list[Tensor] = []
-
-    def replace(a: Tensor) -> Tensor:
-        copy = a.clone()
-        first = copy.select(_batch_dim(a, m), 0)
-        if bool(first.ne(0).any()):
-            first.mul_(0.5)
-        else:
-            first.fill_(1.0)
-        perturbed.append(first.clone())  # as the layer gave it, before any in-place op after
-        return copy
-
-    transform = getattr(model, "transform", None)
-    capture = Capture(
-        [layer],
-        needs_gradients=False,
-        transform=transform if isinstance(transform, nn.Module) else None,
-        replace=replace,
-    )
-    outputs: list[Any] = []
-    with capture:
-        try:
-            recorded = record_prefix(
-                model, module, lambda: outputs.append(model(*inputs, **kwargs))
-            )
-        except CamkitError:
-            raise
-        except Exception:  # the perturbed copy may be what fails: leave it to _forward
-            return None
-        if capture.missing():
-            raise _missing_layers(capture.missing())
-        act = capture.activations[name]
-        _check_layer_output(name, act, m)
-    bd = _batch_dim(act, m)
-    replays = Replays(model, inputs, dict(kwargs), module, act, recorded, bd)
-    try:
-        raw = replays.output(act, index)
-        if replays.written():
-            return None
-        target, classes, output, scores = _target_scores(raw, opts, make_target, index, m)
-        exact = target.scores(scored_output(outputs[0], target, opts["output"]), index)
-        own = perturbed[0].unsqueeze(bd)
-        version = own._version
-        fast = target.scores(
-            scored_output(replays.output(own, index[:1]), target, opts["output"]), index[:1]
-        )
-        copy_layer = own._version != version
-        if replays.written():
-            return None
-        tol = 1e-4 * max(1.0, float(exact.detach().abs().max()))
-        got = torch.cat([fast, scores[1:]]).detach()
-        if got.shape != exact.shape or not bool(torch.isfinite(got).all()):
-            return None
-        if float((got - exact.detach()).abs().max()) > tol:
-            return None
-    except CamkitError:
-        raise  # the caller's mistake (a target, an option), not the replay's
-    except Exception:  # not replayable: the ordinary forward, then run_suffix's own check
-        return None
-    forward = _Forward(
-        output=output,
-        target=target,
-        classes=classes,
-        scores=scores.detach(),
-        activations=[act],
-        gradients=[None],
-        order=[name],
-        geometry=capture.geometry,
-    )
-    return forward, Primed(recorded, copy_layer)
-
-
-def _through_resize(
-    maps: Tensor,
-    geometry: tuple[tuple[int, int], list[tuple[int, int]]],
-    several: int,
-    size: tuple[int, ...],
-    mode: str,
-) -> Tensor:
-    """Maps of a model that resized and padded its inputs, back onto the inputs.
-
-    The layer saw the padded canvas: each map is upsampled to the canvas, cropped to its image's
-    resized extent (the padding lies right and below), and resized to the input's size.
-    """
-    canvas, sizes = geometry
-    out = []
-    for i in range(maps.shape[0]):
-        h, w = sizes[i // several] if several else sizes[i]
-        full = cam.upsample(maps[i : i + 1], canvas, mode)
-        out.append(cam.upsample(full[:, :h, :w], size, mode))
-    return torch.cat(out)
-
-
-def _layout(
-    name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...], batch: int
-) -> Layout | None:
-    """The layer's layout, or ``None`` when the caller's ``reshape`` takes its place."""
-    if reshape is not None:
-        return None
-    if a.ndim < 3:
-        _no_extent(name, a)
-    return layout_or_error(name, tuple(a.shape), input_spatial, batch)
-
-
-def _batch_rows(a: Tensor, rows: Tensor, batch: int) -> Tensor:
-    """Rows ``rows`` of a layer's output with ``batch`` rows on dimension 0, or on dimension 1
-    (sequence-first tokens)."""
-    if _batch_dim(a, batch) == 1:
-        return a.index_select(1, rows)
-    return a[rows]
-
-
-def _no_extent(name: str, a: Tensor) -> None:
-    raise LayerError(
-        f"layer {name!r} gives an output of shape {tuple(a.shape)}, which has no spatial "
-        "extent to map: expected (N, C, *S) with more than one position. Choose an earlier "
-        "layer (before global pooling or flattening), or pass reshape=... for token outputs."
-    )
-
-
-def _prepare(
-    name: str,
-    a: Tensor,
-    g: Tensor | None,
-    reshape: Callable[[Tensor], Tensor] | None,
-    layout: Layout | None,
-) -> tuple[Tensor, Tensor | None]:
-    """Activations and gradients as ``(N, C, *S)``, float32 for half-precision layers."""
-    a = a.detach()
-    if reshape is not None:
-        a = reshape(a)
-        g = reshape(g) if g is not None else None
-    elif layout is not None:
-        a = layout.to_maps(a)
-        g = layout.to_maps(g) if g is not None else None
-    if not has_spatial_extent(a):
-        _no_extent(name, a)
-    if a.dtype in (torch.float16, torch.bfloat16):  # weights and sums in float32
-        a = a.float()
-        g = g.float() if g is not None else None
-    return a, g

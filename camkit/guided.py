@@ -29,10 +29,10 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import InputError, ModelError
 from .explain import explain
-from .forward import _buffers_kept, _check_inputs, scored_output, unwrap
+from .forward import buffers_kept, check_inputs, unwrap
 from .layers import LayerSpec
 from .method import Method
-from .targets import as_target, select_output
+from .targets import as_target, scored_output, select_output
 
 __all__ = ["guided_backprop", "guided_gradcam"]
 
@@ -126,10 +126,10 @@ def guided_backprop(
             "object, not its output or state_dict."
         )
     model = unwrap(model)
-    inputs = _check_inputs(x)
+    inputs = check_inputs(x)
     first = inputs[0].detach().requires_grad_(True)
     n = int(first.shape[0])
-    with _buffers_kept(model), torch.enable_grad(), _GuidedMode():
+    with buffers_kept(model), torch.enable_grad(), _GuidedMode():
         raw = model(first, *inputs[1:], **(model_kwargs or {}))
         tgt, _ = as_target(target, select_output(raw, output), n)
         out = scored_output(raw, tgt, output)

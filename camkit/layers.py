@@ -21,9 +21,17 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LayerError, UnknownLayerError, did_you_mean
-from .layout import infer_layout
+from .layout import has_spatial_extent, infer_layout
 
-__all__ = ["LayerInfo", "has_spatial_extent", "layers", "module_names", "resolve_layers"]
+__all__ = [
+    "LayerInfo",
+    "LayerSpec",
+    "cached_default_layer",
+    "has_spatial_extent",
+    "layers",
+    "module_names",
+    "resolve_layers",
+]
 
 _PROBING: ContextVar[object | None] = ContextVar("camkit_probing", default=None)
 
@@ -47,11 +55,6 @@ class LayerInfo:
     shape: tuple[int, ...] | None
     calls: int
     candidate: bool
-
-
-def has_spatial_extent(t: Any) -> bool:
-    """``t`` is a tensor ``(N, C, *S)`` with at least one spatial dim and more than one position."""
-    return isinstance(t, Tensor) and t.ndim >= 3 and math.prod(t.shape[2:]) > 1
 
 
 def maps_onto_input(t: Any, input_spatial: tuple[int, ...] | None, batch: int) -> bool:

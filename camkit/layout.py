@@ -11,18 +11,35 @@ other layouts, recognised from the output's shape and the input's spatial size:
   ``(T, N, C)`` tokens are recognised by the batch size.
 
 A layout the rules cannot settle is an error that names the shape and the ``reshape`` option.
+One rule tells where the batch lies in a layer's output (:func:`batch_dim`): dimension 1 for
+sequence-first tokens ``(T, N, C)``, else 0.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from .errors import LayerError
 
-__all__ = ["MAX_EXTRA_TOKENS", "Layout", "infer_layout"]
+__all__ = [
+    "MAX_EXTRA_TOKENS",
+    "Layout",
+    "batch_dim",
+    "batch_rows",
+    "has_spatial_extent",
+    "infer_layout",
+    "layer_layout",
+    "layout_or_error",
+    "no_extent_error",
+    "prepare_maps",
+    "target_major",
+]
 
 #: Leading tokens that may precede the patch tokens (class, distillation, registers).
 MAX_EXTRA_TOKENS = 8
@@ -89,8 +106,6 @@ class Layout:
 
 
 def _cat(a: Tensor, b: Tensor) -> Tensor:
-    import torch
-
     return torch.cat([a.to(b.dtype), b], dim=1)
 
 
@@ -158,3 +173,71 @@ def layout_or_error(
             "output into (N, C, *S)), or choose another layer."
         )
     return layout
+
+
+def batch_dim(a: Tensor, batch: int) -> int:
+    """1 for sequence-first tokens ``(T, N, C)``, else 0."""
+    return 1 if a.ndim >= 2 and a.shape[0] != batch and a.shape[1] == batch else 0
+
+
+def batch_rows(a: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """Rows ``rows`` of a layer's output with ``batch`` rows on its batch dimension."""
+    if batch_dim(a, batch) == 1:
+        return a.index_select(1, rows)
+    return a[rows]
+
+
+def target_major(g: Tensor, a: Tensor, n: int) -> Tensor:
+    """Gradients ``(K, *a.shape)`` of ``K`` targets as ``N * K`` sample-major rows, on the batch
+    dimension of the activations ``a``."""
+    if batch_dim(a, n) == 1:
+        return g.movedim(0, 2).flatten(1, 2)
+    return g.transpose(0, 1).flatten(0, 1)
+
+
+def has_spatial_extent(t: Any) -> bool:
+    """``t`` is a tensor ``(N, C, *S)`` with at least one spatial dim and more than one position."""
+    return isinstance(t, Tensor) and t.ndim >= 3 and math.prod(t.shape[2:]) > 1
+
+
+def no_extent_error(name: str, a: Tensor) -> LayerError:
+    """The error for a layer output with nothing to map."""
+    return LayerError(
+        f"layer {name!r} gives an output of shape {tuple(a.shape)}, which has no spatial "
+        "extent to map: expected (N, C, *S) with more than one position. Choose an earlier "
+        "layer (before global pooling or flattening), or pass reshape=... for token outputs."
+    )
+
+
+def layer_layout(
+    name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...], batch: int
+) -> Layout | None:
+    """The layer's layout, or ``None`` when the caller's ``reshape`` takes its place."""
+    if reshape is not None:
+        return None
+    if a.ndim < 3:
+        raise no_extent_error(name, a)
+    return layout_or_error(name, tuple(a.shape), input_spatial, batch)
+
+
+def prepare_maps(
+    name: str,
+    a: Tensor,
+    g: Tensor | None,
+    reshape: Callable[[Tensor], Tensor] | None,
+    layout: Layout | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Activations and gradients as ``(N, C, *S)``, float32 for half-precision layers."""
+    a = a.detach()
+    if reshape is not None:
+        a = reshape(a)
+        g = reshape(g) if g is not None else None
+    elif layout is not None:
+        a = layout.to_maps(a)
+        g = layout.to_maps(g) if g is not None else None
+    if not has_spatial_extent(a):
+        raise no_extent_error(name, a)
+    if a.dtype in (torch.float16, torch.bfloat16):  # weights and sums in float32
+        a = a.float()
+        g = g.float() if g is not None else None
+    return a, g

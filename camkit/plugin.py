@@ -22,7 +22,10 @@ What is here:
 - option checkers that raise :class:`OptionError` with the option's name, the expected and
   the received value: :func:`check_bool`, :func:`check_int`, :func:`check_number`,
   :func:`check_choice`;
-- the targets a method may construct (:class:`ClassTarget`, :class:`Target`, ...).
+- the targets a method may construct (:class:`ClassTarget`, :class:`Target`, ...), and
+  :class:`LogitsTarget`, the base of targets that score the logits; a method that needs one
+  class per sample asks the call's target for it with ``class_indices(n)`` (``None``: the
+  target scores no single class).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .targets import (
     ClassTarget,
     DifferenceTarget,
     FunctionTarget,
+    LogitsTarget,
     ProbabilityTarget,
     RegressionTarget,
     SegmentationTarget,
@@ -70,6 +74,7 @@ __all__ = [
     "FunctionTarget",
     "InputError",
     "LayerError",
+    "LogitsTarget",
     "Method",
     "ModelError",
     "OptionError",

@@ -17,302 +17,32 @@ almost all the work. camkit runs the prefix once:
    not, or the replay raises (the forward keeps tensors or batch sizes from before the layer,
    random layers, train-mode batch-norm), the call warns and falls back to full re-runs, which
    are exact for any model. A silently wrong map is never returned.
+
+The mechanism (records, replays, the forward dispatch) lives in :mod:`camkit.replay`. Here:
+:class:`SuffixRunner` (record, check, replay in chunks), :func:`suffix_runner` (the
+``ctx.run_suffix`` of one layer) and :func:`primed_forward`, the explained forward that records
+the prefix and checks the replay itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .capture import hooks_paused, output_replaced
-from .errors import CamkitError, CamkitWarning, user_stacklevel
+from .call import Call
+from .capture import Capture, hooks_paused, output_replaced
+from .errors import CamkitError, CamkitWarning, OptionError, PluginError, user_stacklevel
+from .forward import Forward, check_layer_output, detector_transform, missing_layers
+from .layout import Layout, batch_dim
+from .replay import Primed, Replay, Replays, patched, record_prefix, run_replay, versions
+from .targets import Target, score_target, scored_output
 
-__all__ = ["Primed", "Replays", "SuffixRunner", "record_prefix"]
-
-_REPLAY: ContextVar[_Replay | None] = ContextVar("camkit_replay", default=None)
-_RECORDING: ContextVar[object | None] = ContextVar("camkit_recording", default=None)
-_PATCH_LOCK = threading.Lock()
-_PATCHED: dict[nn.Module, tuple[Any, int]] = {}  # module -> (its own forward attribute, users)
-_MISSING = object()
-
-
-class _Replay:
-    """What one replay answers: recorded calls per module, and the layer's replacement."""
-
-    def __init__(
-        self,
-        recorded: dict[nn.Module, list[Any]],
-        layer: nn.Module,
-        n: int,
-        rows: Tensor,
-        replacement: Tensor,
-        views: bool,
-        batch_dim: int,
-        copy_layer: bool,
-        borrow: bool = False,
-    ) -> None:
-        self.recorded, self.layer, self.n, self.views = recorded, layer, n, views
-        self.rows, self.replacement = rows, replacement
-        self.batch_dim, self.copy_layer, self.borrow = batch_dim, copy_layer, borrow
-        self.calls: dict[nn.Module, int] = {}
-        single = bool((rows == rows[0]).all())
-        self.single = int(rows[0]) if single else None
-
-    def answer(self, module: nn.Module) -> Any:
-        if module is self.layer:
-            # in the layer's dtype (see SuffixRunner); a copy where the suffix writes into it
-            return self.replacement.clone() if self.copy_layer else self.replacement
-        k = self.calls.get(module, 0)
-        self.calls[module] = k + 1
-        outs = self.recorded.get(module, [])
-        return self.rows_of(outs[k]) if k < len(outs) else _MISSING
-
-    def _dim(self, out: Tensor) -> int | None:
-        """The batch dimension of a recorded tensor; ``None``: not per sample, kept whole."""
-        first = out.ndim > 0 and out.shape[0] == self.n
-        if self.batch_dim == 1 and out.ndim > 1 and out.shape[1] == self.n:
-            if first:  # (N, N, ...) in a sequence-first model: the replay cannot tell
-                raise ValueError(
-                    f"a recorded value of shape {tuple(out.shape)} has the batch size on "
-                    "both of its first two dimensions"
-                )
-            return 1
-        return 0 if first else None
-
-    def rows_of(self, out: Any, dim: int | None = None) -> Any:
-        """The replayed rows of a recorded value (tensors with ``n`` rows on their batch
-        dimension, or on ``dim``; structure kept)."""
-        if isinstance(out, Tensor):
-            d = self._dim(out) if dim is None else dim
-            if d is None:
-                return out
-            m = int(self.rows.shape[0])
-            if self.single is not None and (m == 1 or self.views):
-                # copies of one sample: a broadcast view costs nothing when the value is not
-                # used (the layer's own input); writing into it in place raises, and the
-                # chunk is then replayed with gathered rows
-                one = out.narrow(d, self.single, 1)
-                if m == 1:  # a view only where the caller watches the record (the check)
-                    return one if self.borrow else one.clone()
-                shape = list(out.shape)
-                shape[d] = m
-                return one.expand(shape)
-            return out.index_select(d, self.rows)
-        if isinstance(out, tuple):
-            return tuple(self.rows_of(o, dim) for o in out)
-        if isinstance(out, list):
-            return [self.rows_of(o, dim) for o in out]
-        if isinstance(out, dict):
-            return {k: self.rows_of(v, dim) for k, v in out.items()}
-        return out
-
-
-def _dispatch(module: nn.Module, own: Any) -> Callable[..., Any]:
-    original = own if own is not _MISSING else type(module).forward.__get__(module)
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        replay = _REPLAY.get()
-        if replay is not None:
-            out = replay.answer(module)
-            if out is not _MISSING:
-                return out
-        return original(*args, **kwargs)
-
-    return forward
-
-
-@contextmanager
-def _patched(modules: list[nn.Module]) -> Iterator[None]:
-    """Route ``forward`` of ``modules`` through the replay dispatch (shared, reference-counted)."""
-    done: list[nn.Module] = []
-    try:
-        with _PATCH_LOCK:
-            for m in modules:
-                own, users = _PATCHED.get(m, (_MISSING, 0))
-                if users == 0:
-                    own = m.__dict__.get("forward", _MISSING)
-                    m.forward = _dispatch(m, own)
-                _PATCHED[m] = (own, users + 1)
-                done.append(m)
-        yield
-    finally:
-        with _PATCH_LOCK:
-            for m in done:
-                own, users = _PATCHED[m]
-                if users == 1:
-                    del _PATCHED[m]
-                    if own is _MISSING:
-                        del m.forward
-                    else:
-                        m.forward = own
-                else:
-                    _PATCHED[m] = (own, users - 1)
-
-
-def record_prefix(
-    model: nn.Module, layer: nn.Module, run: Callable[[], Any]
-) -> dict[nn.Module, list[Any]]:
-    """Run ``run()`` once and return the outputs of the maximal prefix calls, per module."""
-    owner = object()
-    stack: list[tuple[nn.Module, int]] = []
-    counts: dict[nn.Module, int] = {}
-    finished: list[tuple[nn.Module, Any, tuple[nn.Module, int] | None]] = []
-    state: dict[str, Any] = {"ancestors": None}
-
-    def pre(m: nn.Module, args: Any) -> None:
-        if _RECORDING.get() is not owner or state["ancestors"] is not None:
-            return
-        if m is layer:
-            state["ancestors"] = set(stack)
-            return
-        counts[m] = counts.get(m, 0) + 1
-        stack.append((m, counts[m]))
-
-    def post(m: nn.Module, args: Any, out: Any) -> None:
-        if _RECORDING.get() is not owner or state["ancestors"] is not None:
-            return
-        stack.pop()
-        finished.append((m, out, stack[-1] if stack else None))
-
-    token = _RECORDING.set(owner)
-    handles = []
-    try:
-        for m in _candidates(model, layer):
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post))
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-        _RECORDING.reset(token)
-    ancestors = state["ancestors"] or set()
-    recorded: dict[nn.Module, list[Any]] = {}
-    for m, out, parent in finished:
-        if parent in ancestors:
-            recorded.setdefault(m, []).append(out)
-    return recorded
-
-
-def _candidates(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
-    """The modules whose calls can be maximal prefix calls: the layer's ancestors in the module
-    tree, their children and the layer. Hooking only these keeps the record forward close to a
-    plain one; a prefix call elsewhere (a module called outside its parent) is recomputed by
-    the replay, which is exact. Every module where the layer is not in the tree."""
-    parents: dict[nn.Module, nn.Module] = {}
-    for m in model.modules():
-        for child in m.children():
-            parents.setdefault(child, m)
-    if layer is not model and layer not in parents:
-        return list(model.modules())
-    chain = [layer]
-    while chain[-1] is not model and chain[-1] in parents:
-        chain.append(parents[chain[-1]])
-    found = dict.fromkeys(chain)
-    for m in chain[1:]:
-        found.update(dict.fromkeys(m.children()))
-    return list(found)
-
-
-def _versions(recorded: dict[nn.Module, list[Any]]) -> list[int]:
-    """The version counters of every recorded tensor (they change when written into)."""
-    found: list[int] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, Tensor):
-            found.append(value._version)
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                walk(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-
-    for outs in recorded.values():
-        for out in outs:
-            walk(out)
-    return found
-
-
-def _run_replay(
-    model: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], replay: _Replay
-) -> Any:
-    """The model's output with its calls answered by ``replay`` (modules patched)."""
-    batch = tuple(replay.rows_of(t, 0) for t in inputs)  # inputs are batch first
-    token = _REPLAY.set(replay)
-    try:
-        return model(*batch, **kwargs)
-    finally:
-        _REPLAY.reset(token)
-
-
-class Primed:
-    """A record made during the explained forward, with its replay checked there.
-
-    Attributes:
-        recorded: the outputs of the maximal prefix calls, per module.
-        copy_layer: the part after the layer writes into the layer's output in place.
-    """
-
-    def __init__(self, recorded: dict[nn.Module, list[Any]], copy_layer: bool) -> None:
-        self.recorded, self.copy_layer = recorded, copy_layer
-
-
-class Replays:
-    """Whole outputs replayed from a record: the explained forward that records (see
-    :func:`camkit.forward._forward_primed`) gets its output and checks its copy with them.
-
-    Args:
-        model, inputs, kwargs: the model and the batch, ``N`` rows.
-        layer: the target module.
-        activations: the layer's output on the batch.
-        recorded: :func:`record_prefix` of a forward of the batch.
-        batch_dim: the dimension of the layer's output that holds the batch.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        inputs: tuple[Tensor, ...],
-        kwargs: dict[str, Any],
-        layer: nn.Module,
-        activations: Tensor,
-        recorded: dict[nn.Module, list[Any]],
-        batch_dim: int,
-    ) -> None:
-        self.model, self.inputs, self.kwargs, self.layer = model, inputs, kwargs, layer
-        self.activations, self.recorded, self.batch_dim = activations, recorded, batch_dim
-        self.versions = _versions(recorded)
-
-    def output(self, activations: Tensor, rows: Tensor) -> Any:
-        """The model's output with the layer answering ``activations`` (``M`` rows of samples
-        ``rows``); the recorded values are borrowed (see :meth:`written`). ``activations`` is
-        handed to the model as it is, unless it is the captured output, which is copied."""
-        n = int(self.inputs[0].shape[0])
-        replay = _Replay(
-            self.recorded,
-            self.layer,
-            n,
-            rows,
-            activations.to(self.activations.dtype),
-            True,
-            self.batch_dim,
-            activations is self.activations,
-            True,
-        )
-        with hooks_paused(), torch.no_grad(), _patched([*self.recorded, self.layer]):
-            return _run_replay(self.model, self.inputs, self.kwargs, replay)
-
-    def written(self) -> bool:
-        """A replay wrote into a recorded value: the record no longer holds the prefix."""
-        return _versions(self.recorded) != self.versions
+__all__ = ["SuffixRunner", "primed_forward", "suffix_runner"]
 
 
 class SuffixRunner:
@@ -383,7 +113,7 @@ class SuffixRunner:
         """Replay dispatch on the recorded modules and the layer, for a whole call."""
         if not self.fast or self.recorded is None:
             return contextlib.nullcontext()
-        return _patched([*self.recorded, self.layer])
+        return patched([*self.recorded, self.layer])
 
     def _full(self, activations: Tensor, rows: Tensor) -> Tensor:
         """Exact for any model: the whole forward on the copies' own samples."""
@@ -407,7 +137,7 @@ class SuffixRunner:
         assert self.recorded is not None
         n = int(self.inputs[0].shape[0])
         replacement = activations.to(self.activations.dtype)
-        replay = _Replay(
+        replay = Replay(
             self.recorded,
             self.layer,
             n,
@@ -418,7 +148,7 @@ class SuffixRunner:
             self.copy_layer,
             borrow,
         )
-        return self.score(_run_replay(self.model, self.inputs, self.kwargs, replay), rows).detach()
+        return self.score(run_replay(self.model, self.inputs, self.kwargs, replay), rows).detach()
 
     def _check(self, copy: Tensor, row: Tensor) -> None:
         """Record the prefix and the exact score of one copy; replay that copy and compare.
@@ -444,12 +174,12 @@ class SuffixRunner:
             self.recorded = record_prefix(self.model, self.layer, run)
             exact = self.score(outputs[0], torch.arange(n, device=row.device))[int(row)]
             exact = exact.reshape(1)
-            before = _versions(self.recorded)
+            before = versions(self.recorded)
             try:
                 own = copy.unsqueeze(bd).to(self.activations.dtype, copy=True)
                 version = own._version
                 self.copy_layer = False
-                with _patched([*self.recorded, self.layer]):
+                with patched([*self.recorded, self.layer]):
                     fast = self._replay(own, rows, borrow)
                 self.copy_layer = own._version != version
             except CamkitError:
@@ -457,7 +187,7 @@ class SuffixRunner:
             except Exception as exc:  # any other failure of the replay: not valid here
                 self._fall_back(f"the replay raised {type(exc).__name__}: {exc}")
                 return
-            if _versions(self.recorded) == before:
+            if versions(self.recorded) == before:
                 break
         tol = 1e-4 * max(1.0, float(exact.abs().max()))
         gap = float((fast - exact).abs().max())
@@ -481,3 +211,142 @@ class SuffixRunner:
             CamkitWarning,
             stacklevel=user_stacklevel(),
         )
+
+
+def suffix_runner(
+    call: Call,
+    layer: tuple[str, nn.Module],
+    activations: Tensor,
+    layout: Layout | None,
+    target: Target,
+    primed: Primed | None = None,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``ctx.run_suffix`` of ``layer``: scores of ``target`` with the layer's output
+    ``activations`` replaced; ``primed``: the record and check the explained forward made."""
+    runner: SuffixRunner | None = None
+    opts = call.options
+
+    def run_suffix(replacement: Tensor, index: Tensor) -> Tensor:
+        nonlocal runner
+        if layout is None:
+            raise OptionError(
+                "ctx.run_suffix replaces the layer's output, but with reshape=... camkit cannot "
+                "turn the method's (N, C, *S) activations back into the layer's layout. Leave "
+                "reshape out where camkit recognises the layout (channels last, transformer "
+                "tokens), or choose a layer whose output is (N, C, *S)."
+            )
+        m = int(replacement.shape[0])
+        if index.shape != (m,):
+            raise PluginError(
+                f"ctx.run_suffix got {m} activation rows but an index of shape "
+                f"{tuple(index.shape)}; expected ({m},)."
+            )
+        if runner is None:
+            runner = SuffixRunner(
+                call.model,
+                call.inputs,
+                call.kwargs,
+                layer,
+                activations,
+                lambda o, idx: target.scores(scored_output(o, target, opts["output"]), idx),
+                opts["batch_size"],
+                layout.batch_dim,
+            )
+            if primed is not None:
+                runner.prime(primed)
+        native = layout.to_native(replacement.to(activations.dtype), activations, index)
+        with call.autocast():
+            return runner(native, index)
+
+    return run_suffix
+
+
+def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed] | None:
+    """The explained forward of a method that uses ``ctx.run_suffix``, without gradients, one
+    layer: the forward that explains also records the prefix and checks the replay.
+
+    The layer's output is captured as usual, but the rest of the model sees it with the first
+    sample scaled by 1/2 (set to ones where it is all zero): that forward's output is the exact
+    output of a perturbed copy. The explained output is the replay of the captured output; the
+    replay of the perturbed copy must match the forward's score of it, and the replayed scores
+    of the other samples the forward's. Then ``ctx.run_suffix`` needs no forward of its own:
+    one forward fewer than :func:`~camkit.forward.captured_forward` and a later check. Returns
+    ``None`` where the replay is not exact or raises: the caller then runs
+    :func:`~camkit.forward.captured_forward`, and ``ctx.run_suffix`` checks (and warns) on its
+    own. With several targets per sample (scores ``(N, K)``) every
+    target's score is compared; the record is for the ``N`` samples, so the caller hands it to
+    ``ctx.run_suffix`` only for one target per sample.
+    """
+    model, inputs, kwargs = call.model, call.inputs, call.kwargs
+    name, module = call.layers[0]
+    m = int(inputs[0].shape[0])
+    choice = call.options["output"]
+    perturbed: list[Tensor] = []
+
+    def replace(a: Tensor) -> Tensor:
+        copy = a.clone()
+        first = copy.select(batch_dim(a, m), 0)
+        if bool(first.ne(0).any()):
+            first.mul_(0.5)
+        else:
+            first.fill_(1.0)
+        perturbed.append(first.clone())  # as the layer gave it, before any in-place op after
+        return copy
+
+    capture = Capture(
+        call.layers[:1],
+        needs_gradients=False,
+        transform=detector_transform(model),
+        replace=replace,
+    )
+    outputs: list[Any] = []
+    with capture:
+        try:
+            recorded = record_prefix(
+                model, module, lambda: outputs.append(model(*inputs, **kwargs))
+            )
+        except CamkitError:
+            raise
+        except Exception:  # the perturbed copy may be what fails: leave it to captured_forward
+            return None
+        if capture.missing():
+            raise missing_layers(capture.missing())
+        act = capture.activations[name]
+        check_layer_output(name, act, m)
+    bd = batch_dim(act, m)
+    replays = Replays(model, inputs, dict(kwargs), module, act, recorded, bd)
+    try:
+        raw = replays.output(act, index)
+        if replays.written():
+            return None
+        target, classes, output, scores = score_target(raw, call.target, choice, index, call.n)
+        exact = target.scores(scored_output(outputs[0], target, choice), index)
+        own = perturbed[0].unsqueeze(bd)
+        version = own._version
+        fast = target.scores(
+            scored_output(replays.output(own, index[:1]), target, choice), index[:1]
+        )
+        copy_layer = own._version != version
+        if replays.written():
+            return None
+        tol = 1e-4 * max(1.0, float(exact.detach().abs().max()))
+        got = torch.cat([fast, scores[1:]]).detach()
+        if got.shape != exact.shape or not bool(torch.isfinite(got).all()):
+            return None
+        if float((got - exact.detach()).abs().max()) > tol:
+            return None
+    except CamkitError:
+        raise  # the caller's mistake (a target, an option), not the replay's
+    except Exception:  # not replayable: the ordinary forward, then run_suffix's own check
+        return None
+    forward = Forward(
+        output=output,
+        target=target,
+        classes=classes,
+        scores=scores.detach(),
+        activations=[act],
+        gradients=[None],
+        order=[name],
+        geometry=capture.geometry,
+    )
+    return forward, Primed(recorded, copy_layer)

@@ -4,6 +4,10 @@ Every target has ``scores(output, index) -> (M,)`` where ``output`` holds M rows
 ``(M,)`` long says which sample of the batch each row comes from. Methods that score copies of
 samples (noisy, masked, augmented) pass an ``index`` that repeats samples, so targets keep
 working for them.
+
+This module is also the scoring step of a call: :func:`as_target` builds the target from what
+the caller passed, :func:`scored_output` picks the part of the model output it scores, and
+:func:`score_target` does both on a captured output and checks the scores.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .detection import BoxTarget, box_iou
 from .errors import OptionError, TargetError
 
 __all__ = [
@@ -22,6 +27,7 @@ __all__ = [
     "ClassTarget",
     "DifferenceTarget",
     "FunctionTarget",
+    "LogitsTarget",
     "ProbabilityTarget",
     "RegressionTarget",
     "SegmentationTarget",
@@ -29,6 +35,9 @@ __all__ = [
     "Target",
     "TopK",
     "as_target",
+    "box_iou",
+    "score_target",
+    "scored_output",
     "select_output",
 ]
 
@@ -88,7 +97,29 @@ def _logits(output: Any) -> Tensor:
     return output
 
 
-class ClassTarget:
+class LogitsTarget:
+    """Base of the targets that score the logits ``(N, K)``: the part of the output the
+    ``output`` option selects (:func:`select_output`), with their classes range-checked.
+
+    Subclasses implement ``scores`` and ``check``, and say which class each sample's score is
+    about with :meth:`class_indices` (methods such as CAM, which use a class's classifier
+    weights, ask it).
+    """
+
+    def check(self, output: Any) -> None:
+        """Raise :class:`TargetError` when a class is out of range for the logits ``output``."""
+
+    def scores(self, output: Any, index: Tensor) -> Tensor:
+        """Score each row of ``output``: returns ``(M,)`` for ``index`` of shape ``(M,)``."""
+        raise NotImplementedError
+
+    def class_indices(self, n: int) -> Tensor | None:
+        """The one class each of ``n`` samples is scored for, ``(n,)`` long, or ``None`` when
+        the score is not one class's (a difference of two, several per sample)."""
+        return None
+
+
+class ClassTarget(LogitsTarget):
     """The output score of one class per sample: ``output[m, classes[index[m]]]``.
 
     Args:
@@ -100,18 +131,25 @@ class ClassTarget:
 
     def check(self, output: Any) -> None:
         """Raise :class:`TargetError` when a class is out of range for ``output``."""
-        k = _logits(output).shape[1]
-        bad = (self.classes < 0) | (self.classes >= k)
-        if bool(bad.any()):
-            raise TargetError(
-                f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
-                f"got {sorted(set(self.classes[bad].tolist()))}."
-            )
+        _check_range(self.classes, _logits(output).shape[1])
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         logits = _logits(output)
         rows = torch.arange(logits.shape[0], device=logits.device)
         return logits[rows, self.classes.to(logits.device)[index.to(logits.device)]]
+
+    def class_indices(self, n: int) -> Tensor | None:
+        """``classes``, one per sample."""
+        return self.classes
+
+
+def _check_range(classes: Tensor, k: int) -> None:
+    bad = (classes < 0) | (classes >= k)
+    if bool(bad.any()):
+        raise TargetError(
+            f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
+            f"got {sorted(set(classes[bad].tolist()))}."
+        )
 
 
 class FunctionTarget:
@@ -146,18 +184,6 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
-def _rows(output: Any) -> int:
-    if isinstance(output, Tensor):
-        return int(output.shape[0])
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return int(output[0].shape[0])
-    if isinstance(output, dict):
-        for v in output.values():
-            if isinstance(v, Tensor):
-                return int(v.shape[0])
-    raise TargetError(f"cannot tell the number of rows of a model output of type {type(output)}.")
-
-
 def _accepts_two_args(fn: Callable[..., Any]) -> bool:
     try:
         sig = inspect.signature(fn)
@@ -186,7 +212,11 @@ class MultiClassTarget(ClassTarget):
     """Several classes per sample, ``classes`` ``(N, K)``; ``scores`` gives ``(M, K)``."""
 
     def check(self, output: Any) -> None:
-        ClassTarget(self.classes.reshape(-1)).check(output)
+        _check_range(self.classes.reshape(-1), _logits(output).shape[1])
+
+    def class_indices(self, n: int) -> Tensor | None:
+        """``None``: ``K`` classes per sample (the call explains them as ``N * K`` rows)."""
+        return None
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         logits = _logits(output)
@@ -274,7 +304,7 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
             )
         classes = t.to(device=_device(output), dtype=torch.long)
     elif isinstance(target, Target):
-        if isinstance(target, ClassTarget):
+        if isinstance(target, LogitsTarget):
             target.check(output)
         return target, None
     elif callable(target):
@@ -295,15 +325,55 @@ def _device(output: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def scored_output(output: Any, target: Target, choice: Any) -> Any:
+    """What ``target`` scores: a :class:`LogitsTarget` the selected output
+    (:func:`select_output`); other targets the raw output, unless the caller chose a part with
+    the ``output`` option."""
+    if choice is None and not isinstance(target, LogitsTarget):
+        return output
+    return select_output(output, choice)
+
+
+def score_target(
+    raw_output: Any, spec: Any, choice: Any, index: Tensor, n: int
+) -> tuple[Target, Tensor | None, Any, Tensor]:
+    """The scoring step: the target built from ``spec`` (:func:`as_target`) on the model output,
+    the output it scores and its scores ``(M,)`` (``(M, K)`` for several targets per sample),
+    checked finite and one per row.
+
+    Args:
+        raw_output: the model output, ``M`` rows.
+        spec: what the caller passed as ``target``, or a built target.
+        choice: the ``output`` option.
+        index: ``(M,)`` the sample of each row.
+        n: the batch size the target is built for.
+
+    Returns:
+        ``(target, classes, output, scores)``; ``classes`` as :func:`as_target` gives them.
+    """
+    target, classes = as_target(spec, select_output(raw_output, choice), n)
+    output = scored_output(raw_output, target, choice)
+    scores = target.scores(output, index)
+    m = int(index.shape[0])
+    if isinstance(scores, Tensor) and not (
+        bool(torch.isfinite(scores.sum())) or bool(torch.isfinite(scores).all())
+    ):
+        raise TargetError(
+            f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}...): "
+            "the model overflows or divides by zero on this input. Check the input's "
+            "preprocessing; for float16 models, try bfloat16 or float32."
+        )
+    several = isinstance(target, MultiClassTarget)
+    if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
+        pass  # (M, K): several targets per sample
+    elif not isinstance(scores, Tensor) or scores.shape != (m,):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise TargetError(f"the target must give one score per sample, ({m},); got {got}.")
+    return target, classes, output, scores
+
+
 # -- the targets library -------------------------------------------------------------------------
-def _per_row(value: Tensor, index: Tensor, n_rows: int) -> Tensor:
-    """A per-sample value ``(N, ...)`` picked for each row by ``index``, or shared when 0-d."""
-    if value.ndim == 0:
-        return value.expand(n_rows)
-    return value.to(index.device)[index]
-
-
-class ProbabilityTarget(ClassTarget):
+class ProbabilityTarget(LogitsTarget):
     """The softmax probability of a class: ``softmax(logits)[m, classes[index[m]]]``.
 
     Args:
@@ -311,7 +381,10 @@ class ProbabilityTarget(ClassTarget):
     """
 
     def __init__(self, classes: int | Sequence[int] | Tensor) -> None:
-        super().__init__(torch.as_tensor(classes, dtype=torch.long).reshape(-1))
+        self.classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+
+    def check(self, output: Any) -> None:
+        _check_range(self.classes, _logits(output).shape[1])
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         logits = _logits(output)
@@ -320,12 +393,25 @@ class ProbabilityTarget(ClassTarget):
         chosen = classes.expand(logits.shape[0]) if classes.numel() == 1 else classes[index]
         return p[torch.arange(p.shape[0], device=p.device), chosen]
 
+    def class_indices(self, n: int) -> Tensor | None:
+        """The class of each of ``n`` samples (the one class repeated, when one is given)."""
+        if self.classes.numel() == 1:
+            return self.classes.expand(n)
+        if self.classes.numel() != n:
+            raise TargetError(
+                f"ProbabilityTarget holds {self.classes.numel()} classes for a batch of {n} "
+                "samples; pass one class per sample, or a single int for all."
+            )
+        return self.classes
 
-class DifferenceTarget(ClassTarget):
-    """How much more the model scores class ``a`` than class ``b``: ``logit_a - logit_b``."""
+
+class DifferenceTarget(LogitsTarget):
+    """How much more the model scores class ``a`` than class ``b``: ``logit_a - logit_b``.
+
+    It scores no single class: :meth:`class_indices` is ``None``.
+    """
 
     def __init__(self, a: int, b: int) -> None:
-        super().__init__(torch.tensor([a, b]))
         self.a, self.b = a, b
 
     def check(self, output: Any) -> None:
@@ -407,63 +493,3 @@ class SegmentationTarget:
         if mask.ndim == plane.ndim:  # per sample
             mask = mask[index.to(plane.device)]
         return (plane * mask).flatten(1).sum(1)
-
-
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of boxes ``(A, 4)`` and ``(B, 4)`` in ``(x1, y1, x2, y2)``: ``(A, B)``."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp_min(1e-12)
-
-
-class BoxTarget:
-    """Detection: the score of the predicted box matching each reference box.
-
-    For torchvision's detection output (a list with one dict of ``boxes``, ``labels`` and
-    ``scores`` per image), the score of a row is, summed over its reference boxes, the score of
-    the predicted box with the same label and the highest IoU, when that IoU reaches
-    ``iou_threshold`` (0 otherwise).
-
-    Args:
-        boxes: ``(B, 4)`` shared or a sequence of ``(B_n, 4)`` per sample, ``(x1, y1, x2, y2)``
-            in input pixels.
-        labels: ``(B,)`` or a sequence of ``(B_n,)``.
-        iou_threshold: the least IoU of a match.
-    """
-
-    def __init__(
-        self,
-        boxes: Tensor | Sequence[Tensor],
-        labels: Tensor | Sequence[Tensor],
-        iou_threshold: float = 0.5,
-    ) -> None:
-        self.boxes, self.labels, self.iou_threshold = boxes, labels, iou_threshold
-
-    def _ref(self, n: int) -> tuple[Tensor, Tensor]:
-        if isinstance(self.boxes, Tensor):
-            return self.boxes, torch.as_tensor(self.labels)
-        return self.boxes[n], torch.as_tensor(self.labels[n])
-
-    def scores(self, output: Any, index: Tensor) -> Tensor:
-        if not (isinstance(output, (list, tuple)) and all(isinstance(o, Mapping) for o in output)):
-            raise TargetError(
-                "BoxTarget expects torchvision's detection output, a list with one dict of "
-                f"boxes, labels and scores per image; got {type(output).__name__}."
-            )
-        rows = []
-        for m, det in enumerate(output):
-            ref_boxes, ref_labels = self._ref(int(index[m]))
-            pred = det["boxes"]
-            total = det["scores"].new_zeros(()) if len(det["scores"]) else pred.new_zeros(())
-            if len(pred) and len(ref_boxes):
-                iou = box_iou(ref_boxes.to(pred), pred)
-                same = ref_labels.to(pred.device)[:, None] == det["labels"][None, :]
-                iou = torch.where(same, iou, torch.zeros_like(iou))
-                best, at = iou.max(dim=1)
-                hit = best >= self.iou_threshold
-                total = total + (det["scores"][at] * hit).sum()
-            rows.append(total)
-        return torch.stack(rows)

@@ -22,16 +22,20 @@ import torch
 from torch import nn
 
 import camkit
-from camkit.plugin import ClassTarget
 
 
 def _classes(ctx: camkit.Context) -> torch.Tensor:
-    if not isinstance(ctx.target, ClassTarget):
+    """The class each sample is explained for, asked of the target (``class_indices``)."""
+    ask = getattr(ctx.target, "class_indices", None)
+    classes: torch.Tensor | None = ask(int(ctx.activations.shape[0])) if callable(ask) else None
+    if classes is None:
         raise camkit.TargetError(
-            "CAM explains class scores: target expects None, an int or one class per sample; "
-            f"got a {type(ctx.target).__name__}. Use gradcam for other targets."
+            "CAM explains one class per sample with that class's classifier weights: target "
+            "expects None, an int, one class per sample or a target whose class_indices(n) "
+            f"names them; got a {type(ctx.target).__name__}, which scores no single class. "
+            "Use method='gradcam' for other targets."
         )
-    return ctx.target.classes.to(ctx.activations.device)
+    return classes.to(ctx.activations.device)
 
 
 class CAM(camkit.Method):

@@ -122,10 +122,13 @@ class _MaskScore(camkit.Method):
 
 def _probability_target(ctx: camkit.Context) -> Any:
     """The target class's softmax probability, for ``weights="probability"``."""
-    if not isinstance(ctx.target, ClassTarget):
+    ask = getattr(ctx.target, "class_indices", None)
+    classes: torch.Tensor | None = ask(int(ctx.activations.shape[0])) if callable(ask) else None
+    if classes is None:
         raise camkit.TargetError(
-            "weights='probability' needs class targets (None, an int or one class per "
-            f"sample); got a {type(ctx.target).__name__}. Use weights='softmax'."
+            "weights='probability' needs class targets (None, an int, one class per sample "
+            "or a target whose class_indices(n) names them); got a "
+            f"{type(ctx.target).__name__}. Use weights='softmax'."
         )
 
     class Probability(ClassTarget):
@@ -135,7 +138,7 @@ def _probability_target(ctx: camkit.Context) -> Any:
             p = F.softmax(output.float(), dim=1)
             return p[torch.arange(p.shape[0], device=p.device), self.classes.to(p.device)[index]]
 
-    return Probability(ctx.target.classes)
+    return Probability(classes)
 
 
 def _scaled_mask(s: float) -> Callable[[Tensor, Tensor], Tensor]:

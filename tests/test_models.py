@@ -402,14 +402,14 @@ def test_several_targets_per_sample_equal_one_call_per_target(method: str) -> No
 
 
 def test_maps_go_back_through_a_detector_resize() -> None:
-    from camkit.forward import _through_resize
+    from camkit.cam import through_resize
 
     # canvas 4x6 (padded right), the image filled 4x4 of it, the input was 8x8: the map's
     # left 4 columns stretch over the input
     maps = torch.zeros(1, 4, 6)
     maps[0, :, 2] = 1.0  # a bright column inside the image
     maps[0, :, 5] = 5.0  # the padding: cropped away
-    out = _through_resize(maps, ((4, 6), [(4, 4)]), 0, (8, 8), "nearest")
+    out = through_resize(maps, ((4, 6), [(4, 4)]), 0, (8, 8), "nearest")
     expected = torch.zeros(8, 8)
     expected[:, 4:6] = 1.0
     assert torch.equal(out[0], expected)

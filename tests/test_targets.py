@@ -81,3 +81,44 @@ def test_target_object_and_callable_in_explain() -> None:
     )
     assert torch.equal(res2.weights, torch.tensor([[0.25, 0.0], [0.25, 0.0]]))
     assert torch.equal(res2.scores, torch.tensor([2.0, 10.0]))
+
+
+# -- what a target says about its classes ---------------------------------------------------
+def test_targets_say_which_class_each_sample_scores() -> None:
+    from camkit.targets import DifferenceTarget, LogitsTarget, ProbabilityTarget
+
+    assert torch.equal(
+        ClassTarget(torch.tensor([2, 0, 1])).class_indices(3), torch.tensor([2, 0, 1])
+    )
+    # one class for all samples, or one per sample
+    assert torch.equal(ProbabilityTarget(1).class_indices(3), torch.tensor([1, 1, 1]))
+    assert torch.equal(ProbabilityTarget([0, 2]).class_indices(2), torch.tensor([0, 2]))
+    # a difference of two classes scores no single class
+    assert DifferenceTarget(1, 2).class_indices(3) is None
+    for t in (ProbabilityTarget(1), DifferenceTarget(1, 2)):
+        assert isinstance(t, LogitsTarget) and not isinstance(t, ClassTarget)
+    with pytest.raises(camkit.TargetError, match=r"2 classes for a batch of 3"):
+        ProbabilityTarget([0, 2]).class_indices(3)
+
+
+def test_cam_with_a_difference_target_is_a_clear_error() -> None:
+    from camkit.toy import TinyCNN
+
+    model = TinyCNN().eval()
+    x = torch.randn(3, 3, 8, 8)
+    with pytest.raises(camkit.TargetError, match=r"CAM.*DifferenceTarget.*gradcam"):
+        camkit.explain(model, x, method="cam", target=camkit.plugin.DifferenceTarget(1, 2))
+    # Grad-CAM explains the difference: its maps are those of class 1's minus class 2's weights
+    res = camkit.explain(
+        model, x, target=camkit.plugin.DifferenceTarget(1, 2), relu=False, normalize=False
+    )
+    one = camkit.explain(model, x, target=1, relu=False, normalize=False)
+    two = camkit.explain(model, x, target=2, relu=False, normalize=False)
+    torch.testing.assert_close(res.weights, one.weights - two.weights)
+    torch.testing.assert_close(res.raw, one.raw - two.raw)
+    # Score-CAM's probability target: one class for the batch, or the same class per sample
+    prob = camkit.explain(model, x, method="scorecam", target=camkit.plugin.ProbabilityTarget(1))
+    per = camkit.explain(
+        model, x, method="scorecam", target=camkit.plugin.ProbabilityTarget([1] * 3)
+    )
+    torch.testing.assert_close(prob.maps, per.maps)
