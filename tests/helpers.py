@@ -232,8 +232,9 @@ class SmallNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(32, 10)
         with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
+            for p in self.parameters():  # He-scaled weights: logits of order 1, softmax not flat
+                scale = (2 / p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.fc(self.pool(self.block3(self.block2(self.block1(x)))).flatten(1))
