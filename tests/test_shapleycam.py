@@ -81,6 +81,20 @@ def test_shapleycam_on_logits_of_a_relu_network_is_gradcam() -> None:
         assert correlation(res.raw[i], ref[i]) > 0.9999
 
 
+def test_shapleycam_where_the_gradient_does_not_depend_on_the_layer() -> None:
+    # the demo's CNN after its last layer: pooling and a linear head, so the logit's gradient
+    # is a constant of the layer (no graph back to it): H A = 0, Shapley-CAM is Grad-CAM
+    from camkit.demo import load_demo_model
+    from camkit.demo.data import generate
+
+    model = load_demo_model(torch.device("cpu"))
+    scenes = generate(2, split="test", seed=0, objects=1)
+    x = torch.as_tensor(scenes.images).permute(0, 3, 1, 2)
+    res = camkit.explain(model, x, "shapleycam", layer="features", **SIGNED)
+    grad = camkit.explain(model, x, "gradcam", layer="features", **SIGNED)
+    torch.testing.assert_close(res.raw, grad.raw)
+
+
 def test_rest_target_by_hand() -> None:
     # logits (0, ln 3): softmax (1/4, 3/4); ReST of class 1 = ln 3 + ln 3/4, class 0 = ln 1/4
     y = torch.tensor([[0.0, float(torch.tensor(3.0).log())]])
