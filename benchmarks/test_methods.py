@@ -57,8 +57,9 @@ ONE_PASS = [
     "finercam",
 ]
 #: Reported, not gated: Shapley-CAM runs a second backward from the layer by design, and
-#: KPCA-CAM an eigendecomposition of a (P, P) kernel matrix per sample.
-REPORTED = ["shapleycam", "kpcacam"]
+#: KPCA-CAM an eigendecomposition of a (P, P) kernel matrix per sample, DFF n_iter NMF updates
+#: and K copies through the suffix.
+REPORTED = ["shapleycam", "kpcacam", "dff"]
 
 
 def _explain(model: torch.nn.Module, x: torch.Tensor, method: str, **options: Any) -> object:
