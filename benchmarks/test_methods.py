@@ -60,6 +60,8 @@ ONE_PASS = [
 #: KPCA-CAM an eigendecomposition of a (P, P) kernel matrix per sample, DFF n_iter NMF updates
 #: and K copies through the suffix.
 REPORTED = ["shapleycam", "kpcacam", "dff"]
+#: FullGrad differentiates the whole model, to the input and every biased layer: reported on
+#: its own line, at its own layers (its cost is that of a training step's backward).
 
 
 def _explain(model: torch.nn.Module, x: torch.Tensor, method: str, **options: Any) -> object:
@@ -76,6 +78,7 @@ def test_gradient_family_over_gradcam(
         ("inference", lambda: inference(model, x)),
         *[(m, lambda m=m: _explain(model, x, m)) for m in ONE_PASS + REPORTED],
         ("smoothgradcampp-n4", lambda: _explain(model, x, "smoothgradcampp", n_samples=4)),
+        ("fullgrad", lambda: camkit.explain(model, x, method="fullgrad", target=1).maps),
     ]
     comparison = interleave(
         benchmark,
