@@ -105,4 +105,4 @@ def test_dff_options_are_checked(option: str, bad: object) -> None:
 
 
 def test_dff_passes_conformance_checks() -> None:
-    check_method("dff")
+    check_method("dff", n_iter=50)

@@ -75,7 +75,7 @@ def _resnet() -> tuple[nn.Module, Tensor]:
                 mod.running_mean.uniform_(-0.2, 0.2)
                 mod.running_var.uniform_(0.5, 1.5)
                 mod.bias.uniform_(-0.2, 0.2)
-    return model, torch.randn(2, 3, 64, 64)  # layer4: 2 x 2 positions
+    return model, torch.randn(2, 3, 48, 48)  # layer4: 2 x 2 positions
 
 
 @pytest.mark.parametrize("net", ["small", "resnet18"])
