@@ -3,7 +3,8 @@
 Gradient and activation methods (the required figure): resnet50 (random init, eval), batch 8,
 224x224, ``layer4``. Methods that need one forward and one partial backward stay within
 :data:`GRADIENT_TARGET` of Grad-CAM's time. Smooth Grad-CAM++ costs ``1 + n_samples`` forwards
-and backwards by design: reported, not gated.
+and backwards by design, Shapley-CAM two backwards from the layer, KPCA-CAM a kernel
+eigendecomposition per sample: reported, not gated.
 
 Perturbation methods: resnet18, batch 1, 224x224, ``layer4`` (512 channels). Ablation-CAM takes
 at most :data:`ABLATION_TARGET` times no-grad inference (the prefix runs once, in the explained
@@ -51,7 +52,16 @@ ONE_PASS = [
     "eigencam",
     "cam",
     "random",
+    "fem",
+    "segeigencam",
+    "finercam",
 ]
+#: Reported, not gated: Shapley-CAM runs a second backward from the layer by design, and
+#: KPCA-CAM an eigendecomposition of a (P, P) kernel matrix per sample, DFF n_iter NMF updates
+#: and K copies through the suffix.
+REPORTED = ["shapleycam", "kpcacam", "dff"]
+#: FullGrad differentiates the whole model, to the input and every biased layer: reported on
+#: its own line, at its own layers (its cost is that of a training step's backward).
 
 
 def _explain(model: torch.nn.Module, x: torch.Tensor, method: str, **options: Any) -> object:
@@ -66,8 +76,9 @@ def test_gradient_family_over_gradcam(
     benchmark.group = "methods resnet50-b8"
     references: list[tuple[str, Callable[[], object]]] = [
         ("inference", lambda: inference(model, x)),
-        *[(m, lambda m=m: _explain(model, x, m)) for m in ONE_PASS],
+        *[(m, lambda m=m: _explain(model, x, m)) for m in ONE_PASS + REPORTED],
         ("smoothgradcampp-n4", lambda: _explain(model, x, "smoothgradcampp", n_samples=4)),
+        ("fullgrad", lambda: camkit.explain(model, x, method="fullgrad", target=1).maps),
     ]
     comparison = interleave(
         benchmark,

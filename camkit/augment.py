@@ -112,4 +112,5 @@ def average(
         scores=base.scores,
         layer=base.layer,
         method=base.method,
+        extras=base.extras,  # those of the original inputs
     )

@@ -44,6 +44,8 @@ class Capture:
             (torchvision's detection models): its output's geometry is recorded.
         replace: without gradients, ``replace(output)`` is what the rest of the model sees in
             place of a layer's output (a new tensor); by default a clone of it.
+        from_input: keep grad mode on from the start of the forward (the caller passes inputs
+            that require grad), so the graph runs from the input through every layer.
 
     After a forward, ``activations[name]`` holds each layer's output: a tensor in the graph
     when gradients are needed, a detached one otherwise.
@@ -55,8 +57,10 @@ class Capture:
         needs_gradients: bool,
         transform: nn.Module | None = None,
         replace: Callable[[Tensor], Tensor] | None = None,
+        from_input: bool = False,
     ) -> None:
         self.layers = list(layers)
+        self.from_input = from_input
         self.replace = replace
         self.transform = transform
         self.needs_gradients = needs_gradients
@@ -76,7 +80,7 @@ class Capture:
             if self.transform is not None:
                 self._handles.append(self.transform.register_forward_hook(self._geometry_hook))
             self._token = _ACTIVE.set(self)
-            torch.set_grad_enabled(False)
+            torch.set_grad_enabled(self.from_input)
         except BaseException:
             self._close()
             raise

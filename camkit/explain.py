@@ -151,6 +151,9 @@ class Explainer:
     ) -> list[tuple[str, nn.Module]]:
         if self.layer is not None:
             return resolve_layers(model, self.layer)
+        own = self.method.layers(model)
+        if own:
+            return resolve_layers(model, own)
         proposed = self.registry.default_layers(model)
         if proposed:
             try:
@@ -213,6 +216,7 @@ class _Captured:
     scores: Tensor
     activations: list[Tensor]
     gradients: list[Tensor | None]
+    hessian_vectors: list[Tensor | None]
     several: int
     primed: Primed | None
 
@@ -223,9 +227,9 @@ def _run(call: Call) -> CamResult:
     # weights, sums and resampling in full precision even under the caller's autocast; the
     # model runs that methods ask for (ctx.score, ...) get the caller's autocast back
     with torch.autocast(device_type=call.device.type, enabled=False):
-        raws, weights, maps = _weights_per_layer(got)
+        raws, weights, maps, extras = _weights_per_layer(got)
         final = _combine(got, maps)
-    return _result(got, final, raws, weights)
+    return _result(got, final, raws, weights, extras)
 
 
 def _run_augmented(call: Call) -> CamResult:
@@ -245,6 +249,8 @@ def _run_augmented(call: Call) -> CamResult:
 def _capture(call: Call) -> _Captured:
     """Steps 2 and 3: the captured forward with the target scored (and differentiated)."""
     method, n = call.method, call.n
+    # a method may explain a target of its own built on the caller's (Finer-CAM)
+    call = dataclasses.replace(call, target=method.target(call.target, call.options))
     rows = torch.arange(n, device=call.device)
     got = None
     if (
@@ -255,9 +261,15 @@ def _capture(call: Call) -> _Captured:
     ):
         # the explained forward records the prefix and checks the replay itself
         got = primed_forward(call, rows)
-    fwd, primed = (
-        got if got is not None else (captured_forward(call, method.needs_gradients, rows), None)
-    )
+    if got is None:
+        plain = captured_forward(
+            call,
+            method.needs_gradients,
+            rows,
+            second_order=method.needs_hessian_vector,
+            input_gradient=method.needs_input_gradient,
+        )
+    fwd, primed = got if got is not None else (plain, None)
     classes = fwd.classes
     several = classes.shape[1] if classes is not None and classes.ndim == 2 else 0
     ranks = {name: i for i, name in enumerate(fwd.order)}
@@ -265,6 +277,12 @@ def _capture(call: Call) -> _Captured:
     layers = [call.layers[i] for i in order]
     acts = [fwd.activations[i] for i in order]
     grads = [fwd.gradients[i] for i in order]
+    hvps = [None if fwd.hessian_vectors is None else fwd.hessian_vectors[i] for i in order]
+    if fwd.input_gradient is not None:
+        # the model's input joins the layers, first, under the name ""
+        layers = [("", call.model), *layers]
+        acts, grads = [call.inputs[0], *acts], [fwd.input_gradient, *grads]
+        hvps = [None, *hvps]
     inputs, output, target, scores = call.inputs, fwd.output, fwd.target, fwd.scores
     if several:
         assert classes is not None
@@ -285,6 +303,7 @@ def _capture(call: Call) -> _Captured:
         scores=scores,
         activations=acts,
         gradients=grads,
+        hessian_vectors=hvps,
         several=several,
         primed=primed if not several else None,
     )
@@ -292,7 +311,7 @@ def _capture(call: Call) -> _Captured:
 
 def _weights_per_layer(
     got: _Captured,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], list[Tensor]]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor], list[Tensor], dict[str, dict[str, Any]]]:
     """Step 4: per layer, the method's weights and map, ReLU and upsampling to the input."""
     call = got.call
     opts, method, target, spatial = call.options, call.method, call.target, call.spatial
@@ -301,9 +320,13 @@ def _weights_per_layer(
     maps: list[Tensor] = []
     raws: dict[str, Tensor] = {}
     weights: dict[str, Tensor] = {}
-    for (name, module), act, grad in zip(call.layers, got.activations, got.gradients, strict=True):
+    extras: dict[str, dict[str, Any]] = {}
+    per_layer = zip(call.layers, got.activations, got.gradients, got.hessian_vectors, strict=True)
+    for (name, module), act, grad, hvp in per_layer:
         layout = layer_layout(name, act, opts["reshape"], spatial, call.n)
         activations, gradients = prepare_maps(name, act, grad, opts["reshape"], layout)
+        # H A laid out as the gradient is
+        hv = None if hvp is None else prepare_maps(name, act, hvp, opts["reshape"], layout)[1]
         ctx = Context(
             model=call.model,
             inputs=call.inputs,
@@ -318,13 +341,14 @@ def _weights_per_layer(
             score=score_fn,
             run_suffix=suffix_runner(call, (name, module), act, layout, target, got.primed),
             recapture=recapturer(call, (name, module), target),
+            hessian_vector=hv,
         )
         w = method.weights(ctx)
         _check_weights(method, w, activations)
         raw = method.combine(ctx, w).detach()
         if opts["relu"]:
             raw = raw.clamp_min(0)
-        raws[name], weights[name] = raw, w.detach()
+        raws[name], weights[name], extras[name] = raw, w.detach(), ctx.extras
         m = raw
         if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
             if got.fwd.geometry is not None:
@@ -332,7 +356,7 @@ def _weights_per_layer(
             else:
                 m = cam.upsample(m, spatial, opts["upsample"])
         maps.append(m)
-    return raws, weights, maps
+    return raws, weights, maps, extras
 
 
 def _combine(got: _Captured, maps: list[Tensor]) -> Tensor:
@@ -349,7 +373,11 @@ def _combine(got: _Captured, maps: list[Tensor]) -> Tensor:
 
 
 def _result(
-    got: _Captured, final: Tensor, raws: dict[str, Tensor], weights: dict[str, Tensor]
+    got: _Captured,
+    final: Tensor,
+    raws: dict[str, Tensor],
+    weights: dict[str, Tensor],
+    extras: dict[str, dict[str, Any]],
 ) -> CamResult:
     """Step 6: the result, ``(N, K, ...)`` per sample for several targets."""
     names = [name for name, _ in got.call.layers]
@@ -371,6 +399,7 @@ def _result(
         scores=per_sample(got.scores),
         layer=names[0] if len(names) == 1 else names,
         method=got.call.method.name,
+        extras=extras[names[0]] if len(names) == 1 else {k: v for k, v in extras.items() if v},
     )
 
 

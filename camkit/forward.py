@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .call import Call
 from .capture import Capture
-from .errors import CamkitWarning, InputError, LayerError, user_stacklevel
+from .errors import CamkitWarning, InputError, LayerError, TargetError, user_stacklevel
 from .targets import Target, score_target
 
 __all__ = [
@@ -136,6 +136,34 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _hessian_vectors(scores: Tensor, acts: list[Tensor]) -> tuple[list[Tensor | None], ...]:
+    """Gradients ``g`` of the summed scores and Hessian-vector products ``H A``, per layer.
+
+    The first backward keeps its graph (``create_graph``), so ``g`` is differentiable with
+    respect to the activations ``A``; the second differentiates ``g . A`` (``A`` held fixed),
+    which is ``H A``. Both run from the scores to the layers only.
+    """
+    found = torch.autograd.grad(scores.sum(), acts, allow_unused=True, create_graph=True)
+    hvps: list[Tensor | None] = []
+    for a, g in zip(acts, found, strict=True):
+        hv = None
+        if g is not None and g.requires_grad:
+            (hv,) = torch.autograd.grad(
+                g, a, grad_outputs=a.detach(), retain_graph=True, allow_unused=True
+            )
+        # no path from the gradient back to A: the score is linear in the layer, H A = 0
+        hvps.append(None if g is None else torch.zeros_like(a) if hv is None else hv.detach())
+    return [None if g is None else g.detach() for g in found], hvps
+
+
+def _one_target(scores: Tensor) -> None:
+    if scores.ndim != 1:
+        raise TargetError(
+            "this method differentiates the score twice, or to the input, and explains one "
+            "target per sample; got several targets per sample. Call it once per target."
+        )
+
+
 def _gradients(scores: Tensor, acts: list[Tensor]) -> list[Tensor | None]:
     """d(sum of scores)/d(activations); float16 layers get a scaled backward.
 
@@ -181,6 +209,8 @@ class Forward:
     gradients: list[Tensor | None]  # per layer, or None when not needed
     order: list[str]  # layer names in the order they ran
     geometry: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
+    hessian_vectors: list[Tensor | None] | None = None  # per layer, H A, when asked
+    input_gradient: Tensor | None = None  # of the first input, when asked
 
 
 def missing_layers(missing: list[str]) -> LayerError:
@@ -196,17 +226,36 @@ def detector_transform(model: nn.Module) -> nn.Module | None:
     return transform if isinstance(transform, nn.Module) else None
 
 
-def captured_forward(call: Call, needs_gradients: bool, index: Tensor) -> Forward:
+def captured_forward(
+    call: Call,
+    needs_gradients: bool,
+    index: Tensor,
+    second_order: bool = False,
+    input_gradient: bool = False,
+) -> Forward:
     """One forward of ``call.inputs`` through a fresh capture of ``call.layers``; the target
     scored (``index``: the sample of each row); gradients of the scores to the layers if
-    ``needs_gradients``."""
+    ``needs_gradients``; with ``second_order`` the Hessian-vector products ``H A`` at the
+    layers (a second backward from them); with ``input_gradient`` the graph from the first
+    input, and its gradient from the same backward."""
     names = [name for name, _ in call.layers]
     m = int(call.inputs[0].shape[0])
+    inputs = call.inputs
+    if input_gradient:
+        if not inputs[0].is_floating_point():
+            raise InputError(
+                "this method differentiates the score with respect to the input, which must be "
+                f"floating point; got {inputs[0].dtype}."
+            )
+        inputs = (inputs[0].detach().requires_grad_(True), *inputs[1:])
     capture = Capture(
-        call.layers, needs_gradients=needs_gradients, transform=detector_transform(call.model)
+        call.layers,
+        needs_gradients=needs_gradients,
+        transform=detector_transform(call.model),
+        from_input=input_gradient,
     )
     with capture:
-        raw_output = call.model(*call.inputs, **call.kwargs)
+        raw_output = call.model(*inputs, **call.kwargs)
         missing = capture.missing()
         if missing:
             raise missing_layers(missing)
@@ -217,6 +266,8 @@ def captured_forward(call: Call, needs_gradients: bool, index: Tensor) -> Forwar
         )
         acts = [capture.activations[name] for name in names]
         grads: list[Tensor | None] = [None] * len(acts)
+        hvps: list[Tensor | None] | None = None
+        input_grad: Tensor | None = None
         if needs_gradients:
             if not scores.requires_grad:
                 raise LayerError(
@@ -224,7 +275,15 @@ def captured_forward(call: Call, needs_gradients: bool, index: Tensor) -> Forwar
                     "gradient flows from it to them. Choose a layer on the path to the scored "
                     "output (camkit.layers(model, x))."
                 )
-            found = _gradients(scores, acts)
+            if second_order or input_gradient:
+                _one_target(scores)
+            if second_order:
+                found, hvps = _hessian_vectors(scores, acts)
+            elif input_gradient:
+                *got, input_grad = torch.autograd.grad(scores.sum(), [*acts, inputs[0]])
+                found = [g.detach() for g in got]
+            else:
+                found = _gradients(scores, acts)
             for name, g in zip(names, found, strict=True):
                 if g is None:
                     raise LayerError(
@@ -243,4 +302,6 @@ def captured_forward(call: Call, needs_gradients: bool, index: Tensor) -> Forwar
         gradients=grads,
         order=list(capture.activations),
         geometry=capture.geometry,
+        hessian_vectors=hvps,
+        input_gradient=input_grad,
     )

@@ -33,6 +33,12 @@ class Context:
         activations: ``(N, C, *S)`` the layer's output, detached (after ``reshape``).
         gradients: ``(N, C, *S)`` d(sum of scores)/d(activations), or ``None`` when the method
             does not need gradients.
+        extras: a dict the method may fill with named results beside the map (per-sample
+            tensors ``(N, ...)``); they reach ``CamResult.extras``.
+        hessian_vector: ``(N, C, *S)`` the Hessian of the sum of scores with respect to the
+            activations times the activations, ``H A``, by a second backward from the layer
+            (the graph from the layer on only), for methods with ``needs_hessian_vector``;
+            ``None`` otherwise.
         scores: ``(N,)`` the target score of each sample.
         target: the target; ``target.scores(output, index)`` scores any rows.
         options: every option of the call, common and the method's own, with values.
@@ -64,6 +70,8 @@ class Context:
     score: Callable[..., Tensor] = field(repr=False)
     run_suffix: Callable[[Tensor, Tensor], Tensor] = field(repr=False)
     recapture: Callable[[Any, Tensor], tuple[Tensor, Tensor | None]] = field(repr=False)
+    hessian_vector: Tensor | None = field(default=None, repr=False)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class Method:
@@ -74,6 +82,15 @@ class Method:
         aliases: other names that resolve to this method (``("gradcam++",)``).
         citation: the paper, as authors, year and title.
         needs_gradients: the core computes ``ctx.gradients`` when true.
+        needs_input_gradient: the graph starts at the input and the model's input joins the
+            layers as the first, named ``""``: its context holds the first input tensor as
+            ``activations`` and the gradient of the summed scores with respect to it as
+            ``gradients``, from the same single backward as the layers' gradients; implies
+            ``needs_gradients``. One target per sample.
+        needs_hessian_vector: the core also computes ``ctx.hessian_vector``, the Hessian of the
+            scores with respect to the activations times the activations, by differentiating
+            the gradient once more (double backward, from the layer on); implies
+            ``needs_gradients``. One target per sample.
         uses_run_suffix: the method calls ``ctx.run_suffix``. Without gradients and with one
             layer, the core then records the part of the model before the layer during the
             explained forward itself and checks the replay there, which saves one forward
@@ -87,6 +104,8 @@ class Method:
     aliases: ClassVar[tuple[str, ...]] = ()
     citation: ClassVar[str] = ""
     needs_gradients: ClassVar[bool] = True
+    needs_hessian_vector: ClassVar[bool] = False
+    needs_input_gradient: ClassVar[bool] = False
     uses_run_suffix: ClassVar[bool] = False
     class_discriminative: ClassVar[bool] = True
     cost: ClassVar[str] = ""
@@ -94,6 +113,18 @@ class Method:
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise :class:`~camkit.errors.OptionError` for bad values of the method's options."""
+
+    def layers(self, model: nn.Module) -> list[str] | None:
+        """The layers to explain when the caller passes ``layer=None``: ``None`` leaves the
+        choice to the core (an adapter's proposal, or the last spatial layer); a method defined
+        on a set of layers (FullGrad: every convolution and batch norm with a bias) names them."""
+        return None
+
+    def target(self, target: Any, options: Mapping[str, Any]) -> Any:
+        """The target to explain, from the one the caller passed (``None``, ints, a callable or
+        a target object): the caller's, unchanged, unless the method explains a target of its
+        own built on it (Finer-CAM wraps it in a :class:`~camkit.targets.FinerTarget`)."""
+        return target
 
     def weights(self, ctx: Context) -> Tensor:
         """Weights ``(N, C)`` per channel or ``(N, C, *S)`` per element for ``ctx.activations``."""

@@ -163,9 +163,20 @@ class Registry:
                 f"plugin {plugin_name!r}: method {name!r} ({type(method).__name__}) does not "
                 "implement weights(ctx)."
             )
-        for flag in ("needs_gradients", "uses_run_suffix"):
+        for flag in (
+            "needs_gradients",
+            "needs_hessian_vector",
+            "needs_input_gradient",
+            "uses_run_suffix",
+        ):
             if not isinstance(getattr(method, flag), bool):
                 raise PluginError(f"plugin {plugin_name!r}: {name!r}.{flag} must be a bool.")
+        for flag in ("needs_hessian_vector", "needs_input_gradient"):
+            if getattr(method, flag) and not method.needs_gradients:
+                raise PluginError(
+                    f"plugin {plugin_name!r}: {name!r} sets {flag}, which needs the gradients "
+                    "too: set needs_gradients = True."
+                )
         if not isinstance(method.options, dict):
             raise PluginError(
                 f"plugin {plugin_name!r}: {name!r}.options must be a dict of option defaults."

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -23,6 +24,9 @@ class CamResult:
         scores: ``(N,)`` the target score of each sample.
         layer: the resolved layer name, or a list of names for several layers.
         method: the canonical method name.
+        extras: what the method returned beside the map, by name (Deep Feature
+            Factorization's ``"concepts"``, for instance: see each method's page); keyed by
+            layer name first for several layers. Empty for most methods.
     """
 
     maps: Tensor
@@ -32,6 +36,7 @@ class CamResult:
     scores: Tensor
     layer: str | list[str]
     method: str
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.maps.shape[0])

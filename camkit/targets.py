@@ -21,14 +21,19 @@ from torch import Tensor
 
 from .detection import BoxTarget, box_iou
 from .errors import OptionError, TargetError
+from .logits import FinerTarget, LogitsTarget, ReSTTarget
+from .logits import check_classes as _check_range
+from .logits import class_logits as _logits
 
 __all__ = [
     "BoxTarget",
     "ClassTarget",
     "DifferenceTarget",
+    "FinerTarget",
     "FunctionTarget",
     "LogitsTarget",
     "ProbabilityTarget",
+    "ReSTTarget",
     "RegressionTarget",
     "SegmentationTarget",
     "SimilarityTarget",
@@ -86,39 +91,6 @@ def select_output(output: Any, choice: Any) -> Any:
         ) from exc
 
 
-def _logits(output: Any) -> Tensor:
-    if not isinstance(output, Tensor) or output.ndim != 2:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise TargetError(
-            "a class target expects the scored model output to be logits of shape (N, K), "
-            f"got {shape}. Pass output=... to choose a tensor, or a callable target "
-            "f(output) -> (N,) for other outputs."
-        )
-    return output
-
-
-class LogitsTarget:
-    """Base of the targets that score the logits ``(N, K)``: the part of the output the
-    ``output`` option selects (:func:`select_output`), with their classes range-checked.
-
-    Subclasses implement ``scores`` and ``check``, and say which class each sample's score is
-    about with :meth:`class_indices` (methods such as CAM, which use a class's classifier
-    weights, ask it).
-    """
-
-    def check(self, output: Any) -> None:
-        """Raise :class:`TargetError` when a class is out of range for the logits ``output``."""
-
-    def scores(self, output: Any, index: Tensor) -> Tensor:
-        """Score each row of ``output``: returns ``(M,)`` for ``index`` of shape ``(M,)``."""
-        raise NotImplementedError
-
-    def class_indices(self, n: int) -> Tensor | None:
-        """The one class each of ``n`` samples is scored for, ``(n,)`` long, or ``None`` when
-        the score is not one class's (a difference of two, several per sample)."""
-        return None
-
-
 class ClassTarget(LogitsTarget):
     """The output score of one class per sample: ``output[m, classes[index[m]]]``.
 
@@ -141,15 +113,6 @@ class ClassTarget(LogitsTarget):
     def class_indices(self, n: int) -> Tensor | None:
         """``classes``, one per sample."""
         return self.classes
-
-
-def _check_range(classes: Tensor, k: int) -> None:
-    bad = (classes < 0) | (classes >= k)
-    if bool(bad.any()):
-        raise TargetError(
-            f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
-            f"got {sorted(set(classes[bad].tolist()))}."
-        )
 
 
 class FunctionTarget:
@@ -268,7 +231,9 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
 
     Args:
         target: ``None`` (argmax of ``output``), an int, a sequence or tensor of ``n`` ints,
-            a callable or an object with ``scores(output, index)``.
+            a callable or an object with ``scores(output, index)``; one with
+            ``resolve(output, n)`` is replaced by the target that returns, settled on this
+            output before anything is scored.
         output: the model output of the batch, used by ``None`` and range checks.
         n: batch size.
 
@@ -303,6 +268,10 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
                 "per sample, or a single int for all."
             )
         classes = t.to(device=_device(output), dtype=torch.long)
+    elif callable(getattr(target, "resolve", None)):  # settled on this output (FinerTarget)
+        built = target.resolve(output, n)
+        built.check(output)
+        return built, built.class_indices(n)
     elif isinstance(target, Target):
         if isinstance(target, LogitsTarget):
             target.check(output)

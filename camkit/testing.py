@@ -69,7 +69,13 @@ def _check_attributes(method: Method) -> None:
         value = getattr(method, attr)
         if not isinstance(value, kind) or not value:
             raise _fail(method, f"attribute {attr!r} must be a non-empty {kind.__name__}")
-    for attr in ("needs_gradients", "uses_run_suffix", "class_discriminative"):
+    for attr in (
+        "needs_gradients",
+        "needs_hessian_vector",
+        "needs_input_gradient",
+        "uses_run_suffix",
+        "class_discriminative",
+    ):
         if not isinstance(getattr(method, attr), bool):
             raise _fail(method, f"attribute {attr!r} must be a bool")
     if not isinstance(method.aliases, tuple):

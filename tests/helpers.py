@@ -188,3 +188,65 @@ class TwoLayerHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.deep(self.shallow(x)).flatten(1))
+
+
+def capture64(model: nn.Module, layer: str, x: Tensor, targets: list[int]) -> tuple[Tensor, Tensor]:
+    """Float64 activations and gradients ``(N, C, *S)`` of ``y[n, targets[n]]`` at ``layer``,
+    through a float64 copy of ``model`` with the full graph (``retain_grad`` and ``backward``):
+    the reference path, independent of camkit's capture."""
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    module = dict(model64.named_modules())[layer]
+    store: dict[str, Tensor] = {}
+
+    def keep(mod: nn.Module, args: object, out: Tensor) -> None:
+        out.retain_grad()
+        store["a"] = out
+
+    handle = module.register_forward_hook(keep)
+    try:
+        y = model64(x.double())
+        y[torch.arange(len(targets)), torch.tensor(targets)].sum().backward()
+    finally:
+        handle.remove()
+    grad = store["a"].grad
+    assert grad is not None
+    return store["a"].detach(), grad
+
+
+class SmallNet(nn.Module):
+    """A small random-init CNN: ``block1`` (32 x 8 x 8 for 16 x 16 inputs), ``block2`` (the
+    same size, two convolutions later) and ``block3`` (32 x 4 x 4) end in ReLUs; global average
+    pooling and a 10-class linear head follow. Gradients at ``block1`` and ``block2`` vary in
+    space and take both signs."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.block1 = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU()
+        )
+        self.block2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+        self.block3 = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+        with torch.no_grad():
+            for p in self.parameters():  # He-scaled weights: logits of order 1, softmax not flat
+                scale = (2 / p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.fc(self.pool(self.block3(self.block2(self.block1(x)))).flatten(1))
+        return out
+
+
+def small_net(seed: int = 0) -> tuple[nn.Module, Tensor]:
+    """:class:`SmallNet` in eval mode and a ``(2, 3, 16, 16)`` batch."""
+    g = torch.Generator().manual_seed(seed)
+    return SmallNet(seed).eval(), torch.randn(2, 3, 16, 16, generator=g)
+
+
+def correlation(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two maps, flattened, in float64."""
+    return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])

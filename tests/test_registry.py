@@ -121,6 +121,8 @@ def test_registration_is_validated() -> None:
         (_method("delta", options={"relu": False}), "redeclares common option"),
         (_method("eps", needs_gradients="yes"), "needs_gradients must be a bool"),
         (_method("zeta", uses_run_suffix=1), "uses_run_suffix must be a bool"),
+        (_method("eta", needs_hessian_vector="yes"), "needs_hessian_vector must be a bool"),
+        (_method("theta", needs_hessian_vector=True), "set needs_gradients = True"),
         (type("N", (camkit.Method,), {"name": "nowts"})(), "does not implement weights"),
     ]
     for i, (method, message) in enumerate(cases):

@@ -56,7 +56,8 @@ __all__ = [
 #: each is explained for both of its classes, so it gives two maps).
 N_SINGLE = 40
 N_PAIRS = 20
-#: The layer explained: the model's last spatial feature map, (32, 16, 16).
+#: The layer explained: the model's last spatial feature map, (32, 16, 16); methods that define
+#: their own layers (``Method.layers``, FullGrad) explain those instead.
 LAYER = "features"
 #: Pixels by which object masks are dilated before asking whether a maximum falls on them.
 DILATE = 1
@@ -83,11 +84,13 @@ def _explain(
     model: nn.Module, x: Tensor, targets: Tensor, method: str, seed: int, device: torch.device
 ) -> _Explained:
     opts = dict(METHOD_OPTIONS.get(method, {}))
+    # a method defined on layers of its own (FullGrad: every biased layer) chooses them
+    layer = None if default_registry().get(method).layers(model) else LAYER
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     res = explain(
-        model, x, method=method, layer=LAYER, target=targets, seed=seed, progress=False, **opts
+        model, x, method=method, layer=layer, target=targets, seed=seed, progress=False, **opts
     )
     maps = res.maps.cpu()
     seconds = time.perf_counter() - start
