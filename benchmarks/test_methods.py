@@ -11,7 +11,9 @@ at most :data:`ABLATION_TARGET` times no-grad inference (the prefix runs once, i
 forward, which also records it and checks the replay; about 1x is the floor); at ``layer3`` its
 cost is reported. Score-CAM takes at most :data:`SCORECAM_TARGET` times no-grad inference
 on ``C`` images (its ``C`` masked forwards). SS-CAM and IS-CAM cost ``n_samples`` times
-Score-CAM: reported with small ``n_samples``. On the demo's trained CNN, the constant channels
+Score-CAM: reported with small ``n_samples``. RISE and Occlusion (black-box, at the input's
+resolution) are reported against inference on as many images as they mask, and against
+Grad-CAM. On the demo's trained CNN, the constant channels
 Score-CAM scores once and the time that saves are reported.
 """
 
@@ -205,6 +207,49 @@ def test_scorecam_over_inference_on_c_images(
         )
     if not benchmark.disabled:
         assert scorecam.median <= SCORECAM_TARGET
+
+
+RISE_MASKS = 256
+OCCLUSION = {"patch": 32, "stride": 32}  # 7 x 7 positions on 224 x 224
+
+
+def test_black_box_over_inference_on_their_forwards(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    """RISE with ``n_masks`` masks and Occlusion with ``P`` patch positions run that many
+    masked forwards per image: their floor is inference on that many images, in chunks of the
+    same ``batch_size`` (64). Reported beside Grad-CAM, not gated."""
+    model = build_model("resnet18")
+    x = make_input(1)
+    positions = 7 * 7
+    x_masks = make_input(64).repeat(RISE_MASKS // 64, 1, 1, 1)
+    x_patches = make_input(positions)
+
+    def inference_on(batch: torch.Tensor) -> object:
+        with torch.no_grad():
+            return [model(batch[i : i + 64]) for i in range(0, len(batch), 64)]
+
+    benchmark.group = "black-box resnet18-b1"
+    comparison = interleave(
+        benchmark,
+        ("rise", lambda: _explain(model, x, "rise", n_masks=RISE_MASKS)),
+        [
+            ("inference_on_masks", lambda: inference_on(x_masks)),
+            ("occlusion", lambda: _explain(model, x, "occlusion", **OCCLUSION)),
+            ("inference_on_patches", lambda: inference_on(x_patches)),
+            ("gradcam", lambda: _explain(model, x, "gradcam")),
+        ],
+        rounds=max(3, settings.rounds // 7),
+        warmup=1,
+        quiet=settings.quiet,
+    )
+    benchmark.extra_info.update(**environment(), **comparison.info("rise", "inference_on_masks"))
+    for name, floor in (("rise", "inference_on_masks"), ("occlusion", "inference_on_patches")):
+        over_floor = comparison.ratio(name, floor)
+        over_gradcam = comparison.ratio(name, "gradcam")
+        benchmark.extra_info[f"{name}/{floor}"] = over_floor.as_dict()
+        benchmark.extra_info[f"{name}/gradcam"] = over_gradcam.as_dict()
+        report(f"{name}/{floor} {over_floor.text()}; /gradcam {over_gradcam.median:.1f}")
 
 
 class _EveryChannel(ScoreCAM):

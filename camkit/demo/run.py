@@ -65,6 +65,8 @@ DILATE = 1
 METHOD_OPTIONS: Mapping[str, Mapping[str, Any]] = {
     "sscam": {"n_samples": 2},
     "iscam": {"n_samples": 2},
+    "rise": {"n_masks": 300},
+    "occlusion": {"patch": 8, "stride": 4},
 }
 #: Side of a cell of the grid and of each overlay file, in pixels (images are 64 x 64).
 CELL = 128
