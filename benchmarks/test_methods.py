@@ -13,8 +13,9 @@ cost is reported. Score-CAM takes at most :data:`SCORECAM_TARGET` times no-grad 
 on ``C`` images (its ``C`` masked forwards). SS-CAM and IS-CAM cost ``n_samples`` times
 Score-CAM: reported with small ``n_samples``. RISE and Occlusion (black-box, at the input's
 resolution) are reported against inference on as many images as they mask, and against
-Grad-CAM. On the demo's trained CNN, the constant channels
-Score-CAM scores once and the time that saves are reported.
+Grad-CAM. SESS (two scales, 5 patches) is reported against Grad-CAM on its patches, LeGrad on a
+vit_b_16 against Grad-CAM at the last block and inference. On the demo's trained CNN, the
+constant channels Score-CAM scores once and the time that saves are reported.
 """
 
 from __future__ import annotations
@@ -250,6 +251,54 @@ def test_black_box_over_inference_on_their_forwards(
         benchmark.extra_info[f"{name}/{floor}"] = over_floor.as_dict()
         benchmark.extra_info[f"{name}/gradcam"] = over_gradcam.as_dict()
         report(f"{name}/{floor} {over_floor.text()}; /gradcam {over_gradcam.median:.1f}")
+
+
+SESS_SCALES = [224, 288]  # 1 + 4 patches of 224 x 224
+
+
+def test_meta_and_transformer_methods_over_gradcam(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    """SESS over Grad-CAM with two scales (5 patches) on resnet18, against Grad-CAM on those 5
+    patches as a batch, its floor; LeGrad on a vit_b_16 (random init, batch 1) against Grad-CAM
+    at the last block and against inference. Reported, not gated."""
+    resnet = build_model("resnet18")
+    x = make_input(1)
+    patches = make_input(5)
+    vit = build_model("vit_b_16")
+    with torch.no_grad():  # torchvision initialises the head to zero
+        vit.heads.head.weight.normal_(0, 0.02)
+
+    benchmark.group = "meta and transformer methods"
+    comparison = interleave(
+        benchmark,
+        ("sess", lambda: _explain(resnet, x, "sess", scales=SESS_SCALES, smooth=False)),
+        [
+            ("gradcam_on_5_patches", lambda: _explain(resnet, patches, "gradcam")),
+            ("gradcam", lambda: _explain(resnet, x, "gradcam")),
+            ("legrad", lambda: _explain_vit(vit, x, "legrad")),
+            ("vit_gradcam", lambda: _explain_vit(vit, x, "gradcam")),
+            ("vit_inference", lambda: inference(vit, x)),
+        ],
+        rounds=max(3, settings.rounds // 7),
+        warmup=1,
+        quiet=settings.quiet,
+    )
+    benchmark.extra_info.update(**environment(), **comparison.info("sess", "gradcam"))
+    for name, reference in (
+        ("sess", "gradcam_on_5_patches"),
+        ("sess", "gradcam"),
+        ("legrad", "vit_gradcam"),
+        ("legrad", "vit_inference"),
+    ):
+        ratio = comparison.ratio(name, reference)
+        benchmark.extra_info[f"{name}/{reference}"] = ratio.as_dict()
+        report(f"{name}/{reference} {ratio.text()}")
+
+
+def _explain_vit(model: torch.nn.Module, x: torch.Tensor, method: str) -> object:
+    layer = "encoder.layers.encoder_layer_11"
+    return camkit.explain(model, x, method=method, layer=layer, target=1).maps
 
 
 class _EveryChannel(ScoreCAM):
