@@ -301,6 +301,51 @@ def _explain_vit(model: torch.nn.Module, x: torch.Tensor, method: str) -> object
     return camkit.explain(model, x, method=method, layer=layer, target=1).maps
 
 
+def test_differentiable_maps_over_gradcam(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    """``differentiable=True`` on resnet18, batch 4, ``layer4``: the call alone, and the call
+    with the backward of a loss on its maps, against plain Grad-CAM and against a training step
+    of the model (forward with graph, backward of the summed logits). Reported, not gated."""
+    model = build_model("resnet18")
+    x = make_input(4)
+
+    def differentiable(backward: bool) -> object:
+        maps = camkit.explain(model, x, layer=LAYER, target=1, differentiable=True).maps
+        if backward:
+            maps.square().mean().backward()
+        return maps
+
+    def training_step() -> object:
+        out = model(x)
+        out.sum().backward()
+        return out
+
+    benchmark.group = "differentiable resnet18-b4"
+    comparison = interleave(
+        benchmark,
+        ("differentiable", lambda: differentiable(False)),
+        [
+            ("gradcam", lambda: _explain(model, x, "gradcam")),
+            ("differentiable+backward", lambda: differentiable(True)),
+            ("training_step", training_step),
+        ],
+        rounds=max(5, settings.rounds // 3),
+        warmup=1,
+        quiet=settings.quiet,
+    )
+    model.zero_grad(set_to_none=True)
+    benchmark.extra_info.update(**environment(), **comparison.info("differentiable", "gradcam"))
+    for name, reference in (
+        ("differentiable", "gradcam"),
+        ("differentiable+backward", "gradcam"),
+        ("differentiable+backward", "training_step"),
+    ):
+        ratio = comparison.ratio(name, reference)
+        benchmark.extra_info[f"{name}/{reference}"] = ratio.as_dict()
+        report(f"{name}/{reference} {ratio.text()}")
+
+
 class _EveryChannel(ScoreCAM):
     """Score-CAM scoring every channel, constant ones too: the reference for the saving."""
 
