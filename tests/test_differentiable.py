@@ -148,3 +148,25 @@ def test_methods_whose_weights_have_no_graph_refuse() -> None:
             camkit.explain(model, x, method=method, layer="mid", differentiable=True)
     with pytest.raises(camkit.OptionError, match="'differentiable' expects True or False"):
         camkit.explain(model, x, layer="mid", differentiable=1)
+
+
+def test_inference_mode_refuses_and_the_flag_must_be_a_bool() -> None:
+    model = Smooth().eval()
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(camkit.InputError, match="inference_mode"), torch.inference_mode():
+        camkit.explain(model, x, layer="mid", differentiable=True)
+
+    class Flagged(camkit.Method):
+        name = "flagged"
+        differentiable = "yes"  # type: ignore[assignment]
+
+        def weights(self, ctx: camkit.Context) -> torch.Tensor:
+            return ctx.activations.new_ones(ctx.activations.shape[:2])
+
+    from camkit.testing import fresh_registry
+
+    with (
+        fresh_registry(load_entrypoints=False) as reg,
+        pytest.raises(camkit.PluginError, match="differentiable must be a bool"),
+    ):
+        reg.add(Flagged(), "test")
