@@ -173,3 +173,20 @@ def test_option_errors() -> None:
     with pytest.raises(camkit.InputError, match="smooth=True blurs"):
         camkit.explain(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(64, 2)),
                        torch.randn(1, 3, 4, 4), method="sess", layer="0")  # fmt: skip
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_sess_matches_grad_cam_1_5_7(smooth: bool) -> None:
+    peer = pytest.importorskip("pytorch_grad_cam")
+    torch.manual_seed(0)
+    model = ResidualNet(inplace=False).eval()
+    x = torch.randn(2, 3, 8, 8)
+    kw = dict(scales=[8, 11, 14], smooth=smooth)
+    ours = camkit.explain(model, x, method="sess", layer="bn", target=[0, 2], step=3, **kw)
+    targets = [peer.utils.model_targets.ClassifierOutputTarget(c) for c in (0, 2)]
+    sess = peer.SESS(model, [model.bn], window_size=8, step_size=3, **kw)
+    theirs = torch.from_numpy(sess(x, targets)).float()
+    # float32 both; the peer blurs with OpenCV and divides by max + 1e-7
+    torch.testing.assert_close(ours.maps, theirs, rtol=0, atol=3e-5)
+    corr = torch.corrcoef(torch.stack([ours.maps.flatten(), theirs.flatten()]))[0, 1]
+    assert corr > 0.99999
