@@ -58,6 +58,7 @@ ONE_PASS = [
     "fem",
     "segeigencam",
     "finercam",
+    "refinecam",  # at one layer: its base, Grad-CAM++
 ]
 #: Reported, not gated: Shapley-CAM runs a second backward from the layer by design, and
 #: KPCA-CAM an eigendecomposition of a (P, P) kernel matrix per sample, DFF n_iter NMF updates
