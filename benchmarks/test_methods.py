@@ -11,8 +11,11 @@ at most :data:`ABLATION_TARGET` times no-grad inference (the prefix runs once, i
 forward, which also records it and checks the replay; about 1x is the floor); at ``layer3`` its
 cost is reported. Score-CAM takes at most :data:`SCORECAM_TARGET` times no-grad inference
 on ``C`` images (its ``C`` masked forwards). SS-CAM and IS-CAM cost ``n_samples`` times
-Score-CAM: reported with small ``n_samples``. On the demo's trained CNN, the constant channels
-Score-CAM scores once and the time that saves are reported.
+Score-CAM: reported with small ``n_samples``. RISE and Occlusion (black-box, at the input's
+resolution) are reported against inference on as many images as they mask, and against
+Grad-CAM. SESS (two scales, 5 patches) is reported against Grad-CAM on its patches, LeGrad on a
+vit_b_16 against Grad-CAM at the last block and inference. On the demo's trained CNN, the
+constant channels Score-CAM scores once and the time that saves are reported.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ ONE_PASS = [
     "fem",
     "segeigencam",
     "finercam",
+    "refinecam",  # at one layer: its base, Grad-CAM++
 ]
 #: Reported, not gated: Shapley-CAM runs a second backward from the layer by design, and
 #: KPCA-CAM an eigendecomposition of a (P, P) kernel matrix per sample, DFF n_iter NMF updates
@@ -205,6 +209,142 @@ def test_scorecam_over_inference_on_c_images(
         )
     if not benchmark.disabled:
         assert scorecam.median <= SCORECAM_TARGET
+
+
+RISE_MASKS = 256
+OCCLUSION = {"patch": 32, "stride": 32}  # 7 x 7 positions on 224 x 224
+
+
+def test_black_box_over_inference_on_their_forwards(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    """RISE with ``n_masks`` masks and Occlusion with ``P`` patch positions run that many
+    masked forwards per image: their floor is inference on that many images, in chunks of the
+    same ``batch_size`` (64). Reported beside Grad-CAM, not gated."""
+    model = build_model("resnet18")
+    x = make_input(1)
+    positions = 7 * 7
+    x_masks = make_input(64).repeat(RISE_MASKS // 64, 1, 1, 1)
+    x_patches = make_input(positions)
+
+    def inference_on(batch: torch.Tensor) -> object:
+        with torch.no_grad():
+            return [model(batch[i : i + 64]) for i in range(0, len(batch), 64)]
+
+    benchmark.group = "black-box resnet18-b1"
+    comparison = interleave(
+        benchmark,
+        ("rise", lambda: _explain(model, x, "rise", n_masks=RISE_MASKS)),
+        [
+            ("inference_on_masks", lambda: inference_on(x_masks)),
+            ("occlusion", lambda: _explain(model, x, "occlusion", **OCCLUSION)),
+            ("inference_on_patches", lambda: inference_on(x_patches)),
+            ("gradcam", lambda: _explain(model, x, "gradcam")),
+        ],
+        rounds=max(3, settings.rounds // 7),
+        warmup=1,
+        quiet=settings.quiet,
+    )
+    benchmark.extra_info.update(**environment(), **comparison.info("rise", "inference_on_masks"))
+    for name, floor in (("rise", "inference_on_masks"), ("occlusion", "inference_on_patches")):
+        over_floor = comparison.ratio(name, floor)
+        over_gradcam = comparison.ratio(name, "gradcam")
+        benchmark.extra_info[f"{name}/{floor}"] = over_floor.as_dict()
+        benchmark.extra_info[f"{name}/gradcam"] = over_gradcam.as_dict()
+        report(f"{name}/{floor} {over_floor.text()}; /gradcam {over_gradcam.median:.1f}")
+
+
+SESS_SCALES = [224, 288]  # 1 + 4 patches of 224 x 224
+
+
+def test_meta_and_transformer_methods_over_gradcam(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    """SESS over Grad-CAM with two scales (5 patches) on resnet18, against Grad-CAM on those 5
+    patches as a batch, its floor; LeGrad on a vit_b_16 (random init, batch 1) against Grad-CAM
+    at the last block and against inference. Reported, not gated."""
+    resnet = build_model("resnet18")
+    x = make_input(1)
+    patches = make_input(5)
+    vit = build_model("vit_b_16")
+    with torch.no_grad():  # torchvision initialises the head to zero
+        vit.heads.head.weight.normal_(0, 0.02)
+
+    benchmark.group = "meta and transformer methods"
+    comparison = interleave(
+        benchmark,
+        ("sess", lambda: _explain(resnet, x, "sess", scales=SESS_SCALES, smooth=False)),
+        [
+            ("gradcam_on_5_patches", lambda: _explain(resnet, patches, "gradcam")),
+            ("gradcam", lambda: _explain(resnet, x, "gradcam")),
+            ("legrad", lambda: _explain_vit(vit, x, "legrad")),
+            ("vit_gradcam", lambda: _explain_vit(vit, x, "gradcam")),
+            ("vit_inference", lambda: inference(vit, x)),
+        ],
+        rounds=max(3, settings.rounds // 7),
+        warmup=1,
+        quiet=settings.quiet,
+    )
+    benchmark.extra_info.update(**environment(), **comparison.info("sess", "gradcam"))
+    for name, reference in (
+        ("sess", "gradcam_on_5_patches"),
+        ("sess", "gradcam"),
+        ("legrad", "vit_gradcam"),
+        ("legrad", "vit_inference"),
+    ):
+        ratio = comparison.ratio(name, reference)
+        benchmark.extra_info[f"{name}/{reference}"] = ratio.as_dict()
+        report(f"{name}/{reference} {ratio.text()}")
+
+
+def _explain_vit(model: torch.nn.Module, x: torch.Tensor, method: str) -> object:
+    layer = "encoder.layers.encoder_layer_11"
+    return camkit.explain(model, x, method=method, layer=layer, target=1).maps
+
+
+def test_differentiable_maps_over_gradcam(
+    benchmark: BenchmarkFixture, settings: Settings, report: Callable[[str], None]
+) -> None:
+    """``differentiable=True`` on resnet18, batch 4, ``layer4``: the call alone, and the call
+    with the backward of a loss on its maps, against plain Grad-CAM and against a training step
+    of the model (forward with graph, backward of the summed logits). Reported, not gated."""
+    model = build_model("resnet18")
+    x = make_input(4)
+
+    def differentiable(backward: bool) -> object:
+        maps = camkit.explain(model, x, layer=LAYER, target=1, differentiable=True).maps
+        if backward:
+            maps.square().mean().backward()
+        return maps
+
+    def training_step() -> object:
+        out = model(x)
+        out.sum().backward()
+        return out
+
+    benchmark.group = "differentiable resnet18-b4"
+    comparison = interleave(
+        benchmark,
+        ("differentiable", lambda: differentiable(False)),
+        [
+            ("gradcam", lambda: _explain(model, x, "gradcam")),
+            ("differentiable+backward", lambda: differentiable(True)),
+            ("training_step", training_step),
+        ],
+        rounds=max(5, settings.rounds // 3),
+        warmup=1,
+        quiet=settings.quiet,
+    )
+    model.zero_grad(set_to_none=True)
+    benchmark.extra_info.update(**environment(), **comparison.info("differentiable", "gradcam"))
+    for name, reference in (
+        ("differentiable", "gradcam"),
+        ("differentiable+backward", "gradcam"),
+        ("differentiable+backward", "training_step"),
+    ):
+        ratio = comparison.ratio(name, reference)
+        benchmark.extra_info[f"{name}/{reference}"] = ratio.as_dict()
+        report(f"{name}/{reference} {ratio.text()}")
 
 
 class _EveryChannel(ScoreCAM):

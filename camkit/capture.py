@@ -58,12 +58,14 @@ class Capture:
         transform: nn.Module | None = None,
         replace: Callable[[Tensor], Tensor] | None = None,
         from_input: bool = False,
+        differentiable: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.from_input = from_input
         self.replace = replace
         self.transform = transform
         self.needs_gradients = needs_gradients
+        self.differentiable = differentiable
         self.activations: dict[str, Tensor] = {}
         #: ``(canvas, sizes)`` when the model resizes its inputs internally (torchvision's
         #: detection ``transform``): the padded batch size and each image's resized size
@@ -80,7 +82,8 @@ class Capture:
             if self.transform is not None:
                 self._handles.append(self.transform.register_forward_hook(self._geometry_hook))
             self._token = _ACTIVE.set(self)
-            torch.set_grad_enabled(self.from_input)
+            # the graph from the inputs on: for input gradients, and for differentiable maps
+            torch.set_grad_enabled(self.from_input or self.differentiable)
         except BaseException:
             self._close()
             raise
@@ -120,6 +123,13 @@ class Capture:
                     f"{type(output).__name__}, not a tensor. Choose a layer whose output is a "
                     "tensor (N, C, *S), for example one of its submodules."
                 )
+            if self.differentiable:
+                # the activation stays in the graph of the whole forward (a layer that nothing
+                # before it differentiates through starts the graph, as below)
+                if self.needs_gradients and not output.requires_grad:
+                    output = output.detach().requires_grad_(True)
+                self.activations[name] = output
+                return output.clone()
             if not self.needs_gradients:
                 self.activations[name] = output.detach()
                 return output.clone() if self.replace is None else self.replace(output.detach())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from . import augment, cam
 from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
-from .errors import InputError, LayerError, PluginError
+from .errors import InputError, LayerError, OptionError, PluginError
 from .forward import Forward, buffers_kept, captured_forward, check_inputs, unwrap
 from .layers import LayerSpec, cached_default_layer, resolve_layers
 from .layout import batch_rows, layer_layout, prepare_maps, target_major
@@ -85,6 +86,7 @@ class Explainer:
         self.options = resolve_options(
             self.method.name, self.method.options, options, self.method.check_options
         )
+        _check_differentiable(self.method, self.options)
         self.model: nn.Module | None = model
         self.layer = layer
         if layer is not None:
@@ -131,6 +133,7 @@ class Explainer:
             if options
             else self.options
         )
+        _check_differentiable(self.method, opts)
         inputs = check_inputs(x)
         kwargs = dict(opts["model_kwargs"] or {})
         call = Call(
@@ -223,13 +226,15 @@ class _Captured:
 
 def _run(call: Call) -> CamResult:
     """One call without ``aug_smooth``: capture and score, weights per layer, combine, result."""
-    got = _capture(call)
-    # weights, sums and resampling in full precision even under the caller's autocast; the
-    # model runs that methods ask for (ctx.score, ...) get the caller's autocast back
-    with torch.autocast(device_type=call.device.type, enabled=False):
-        raws, weights, maps, extras = _weights_per_layer(got)
-        final = _combine(got, maps)
-    return _result(got, final, raws, weights, extras)
+    # a differentiable call keeps the graph even inside the caller's torch.no_grad()
+    with torch.set_grad_enabled(bool(call.options["differentiable"]) or torch.is_grad_enabled()):
+        got = _capture(call)
+        # weights, sums and resampling in full precision even under the caller's autocast;
+        # the model runs that methods ask for (ctx.score, ...) get the caller's autocast back
+        with torch.autocast(device_type=call.device.type, enabled=False):
+            raws, weights, maps, extras = _weights_per_layer(got)
+            final = _combine(got, maps)
+            return _result(got, final, raws, weights, extras)
 
 
 def _run_augmented(call: Call) -> CamResult:
@@ -324,7 +329,9 @@ def _weights_per_layer(
     per_layer = zip(call.layers, got.activations, got.gradients, got.hessian_vectors, strict=True)
     for (name, module), act, grad, hvp in per_layer:
         layout = layer_layout(name, act, opts["reshape"], spatial, call.n)
-        activations, gradients = prepare_maps(name, act, grad, opts["reshape"], layout)
+        activations, gradients = prepare_maps(
+            name, act, grad, opts["reshape"], layout, opts["differentiable"]
+        )
         # H A laid out as the gradient is
         hv = None if hvp is None else prepare_maps(name, act, hvp, opts["reshape"], layout)[1]
         ctx = Context(
@@ -345,7 +352,8 @@ def _weights_per_layer(
         )
         w = method.weights(ctx)
         _check_weights(method, w, activations)
-        raw = method.combine(ctx, w).detach()
+        raw = method.combine(ctx, w)
+        raw = raw if opts["differentiable"] else raw.detach()  # the graph, when asked for
         if opts["relu"]:
             raw = raw.clamp_min(0)
         raws[name], weights[name], extras[name] = raw, w.detach(), ctx.extras
@@ -413,4 +421,23 @@ def _check_weights(method: Method, w: Any, activations: Tensor) -> None:
         raise PluginError(
             f"method {method.name!r} returned weights of shape {got}; expected ({n}, {c}) or "
             f"{tuple(activations.shape)} for activations {tuple(activations.shape)}."
+        )
+
+
+def _check_differentiable(method: Method, opts: Mapping[str, Any]) -> None:
+    """``differentiable=True`` only for methods whose weights keep the graph."""
+    if not opts["differentiable"]:
+        return
+    if not method.differentiable:
+        raise OptionError(
+            "differentiable=True needs a method whose weights come from the layer's activations "
+            f"and gradients in the explained forward; {method.name!r} scores the model again or "
+            "draws its weights, without a graph. Use one of cam, gradcam, gradcampp, xgradcam, "
+            "hirescam, gradcam-elementwise, layercam, eigencam, eigengradcam, or leave "
+            "differentiable out."
+        )
+    if opts["aug_smooth"]:
+        raise OptionError(
+            "differentiable=True does not combine with aug_smooth: the augmented copies are "
+            "explained by separate forwards. Leave one of them out."
         )

@@ -164,8 +164,11 @@ def _one_target(scores: Tensor) -> None:
         )
 
 
-def _gradients(scores: Tensor, acts: list[Tensor]) -> list[Tensor | None]:
-    """d(sum of scores)/d(activations); float16 layers get a scaled backward.
+def _gradients(
+    scores: Tensor, acts: list[Tensor], create_graph: bool = False
+) -> list[Tensor | None]:
+    """d(sum of scores)/d(activations); float16 layers get a scaled backward. With
+    ``create_graph`` the gradients keep a graph of their own (differentiable maps).
 
     Scores ``(N, K)`` (several targets per sample) get one batched backward: gradients
     ``(K, N, ...)``, one per target.
@@ -174,7 +177,11 @@ def _gradients(scores: Tensor, acts: list[Tensor]) -> list[Tensor | None]:
     def grad(scale: float, retain: bool) -> tuple[Tensor | None, ...]:
         if scores.ndim == 1:
             return torch.autograd.grad(
-                scores.sum() * scale, acts, allow_unused=True, retain_graph=retain
+                scores.sum() * scale,
+                acts,
+                allow_unused=True,
+                retain_graph=retain or create_graph,
+                create_graph=create_graph,
             )
         k = scores.shape[1]
         eye = torch.eye(k, dtype=scores.dtype, device=scores.device) * scale
@@ -185,7 +192,8 @@ def _gradients(scores: Tensor, acts: list[Tensor]) -> list[Tensor | None]:
             grad_outputs=outputs,
             is_grads_batched=True,
             allow_unused=True,
-            retain_graph=retain,
+            retain_graph=retain or create_graph,
+            create_graph=create_graph,
         )
 
     if not any(a.dtype == torch.float16 for a in acts):
@@ -205,7 +213,8 @@ class Forward:
     target: Target
     classes: Tensor | None
     scores: Tensor  # (N,) detached
-    activations: list[Tensor]  # per layer, detached, as the layer returned them
+    activations: list[Tensor]  # per layer, as the layer returned them; detached unless the
+    # call is differentiable
     gradients: list[Tensor | None]  # per layer, or None when not needed
     order: list[str]  # layer names in the order they ran
     geometry: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
@@ -240,6 +249,7 @@ def captured_forward(
     input, and its gradient from the same backward."""
     names = [name for name, _ in call.layers]
     m = int(call.inputs[0].shape[0])
+    differentiable = bool(call.options.get("differentiable", False))
     inputs = call.inputs
     if input_gradient:
         if not inputs[0].is_floating_point():
@@ -253,6 +263,7 @@ def captured_forward(
         needs_gradients=needs_gradients,
         transform=detector_transform(call.model),
         from_input=input_gradient,
+        differentiable=differentiable,
     )
     with capture:
         raw_output = call.model(*inputs, **call.kwargs)
@@ -283,7 +294,7 @@ def captured_forward(
                 *got, input_grad = torch.autograd.grad(scores.sum(), [*acts, inputs[0]])
                 found = [g.detach() for g in got]
             else:
-                found = _gradients(scores, acts)
+                found = _gradients(scores, acts, create_graph=differentiable)
             for name, g in zip(names, found, strict=True):
                 if g is None:
                     raise LayerError(
@@ -298,7 +309,7 @@ def captured_forward(
         target=target,
         classes=classes,
         scores=scores.detach(),
-        activations=[a.detach() for a in acts],
+        activations=acts if differentiable else [a.detach() for a in acts],
         gradients=grads,
         order=list(capture.activations),
         geometry=capture.geometry,

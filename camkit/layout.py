@@ -226,9 +226,12 @@ def prepare_maps(
     g: Tensor | None,
     reshape: Callable[[Tensor], Tensor] | None,
     layout: Layout | None,
+    differentiable: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Activations and gradients as ``(N, C, *S)``, float32 for half-precision layers."""
-    a = a.detach()
+    """Activations and gradients as ``(N, C, *S)``, float32 for half-precision layers;
+    detached unless ``differentiable``."""
+    if not differentiable:
+        a = a.detach()
     if reshape is not None:
         a = reshape(a)
         g = reshape(g) if g is not None else None

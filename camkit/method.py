@@ -96,6 +96,10 @@ class Method:
             explained forward itself and checks the replay there, which saves one forward
             (see :mod:`camkit.suffix`).
         class_discriminative: the map changes with the target class.
+        differentiable: the weights come from ``ctx.activations`` and ``ctx.gradients`` alone,
+            through differentiable operations, so that ``differentiable=True`` gives maps that
+            carry the autograd graph; methods that run the model again or draw random weights
+            leave it ``False``, and the option refuses them.
         cost: forwards and backwards per sample, in words.
         options: the method's own options and their defaults.
     """
@@ -108,6 +112,7 @@ class Method:
     needs_input_gradient: ClassVar[bool] = False
     uses_run_suffix: ClassVar[bool] = False
     class_discriminative: ClassVar[bool] = True
+    differentiable: ClassVar[bool] = False
     cost: ClassVar[str] = ""
     options: ClassVar[Mapping[str, Any]] = {}
 

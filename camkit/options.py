@@ -26,6 +26,7 @@ COMMON_OPTIONS: Mapping[str, Any] = {
     "reshape": None,
     "output": None,
     "model_kwargs": None,
+    "differentiable": False,
 }
 
 #: Test-time augmentations ``aug_smooth`` can name; ``True`` means all of them.
@@ -43,7 +44,7 @@ def _check_bool(name: str, value: Any) -> None:
 
 
 def _check_common(opts: Mapping[str, Any]) -> None:
-    for name in ("relu", "normalize", "eigen_smooth"):
+    for name in ("relu", "normalize", "eigen_smooth", "differentiable"):
         _check_bool(name, opts[name])
     aug = opts["aug_smooth"]
     if not isinstance(aug, bool) and not (

@@ -168,6 +168,7 @@ class Registry:
             "needs_hessian_vector",
             "needs_input_gradient",
             "uses_run_suffix",
+            "differentiable",
         ):
             if not isinstance(getattr(method, flag), bool):
                 raise PluginError(f"plugin {plugin_name!r}: {name!r}.{flag} must be a bool.")

@@ -75,6 +75,7 @@ def _check_attributes(method: Method) -> None:
         "needs_input_gradient",
         "uses_run_suffix",
         "class_discriminative",
+        "differentiable",
     ):
         if not isinstance(getattr(method, attr), bool):
             raise _fail(method, f"attribute {attr!r} must be a bool")

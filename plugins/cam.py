@@ -42,6 +42,7 @@ class CAM(camkit.Method):
     """Classifier weights of the target class, ``(N, C)``."""
 
     name = "cam"
+    differentiable = True
     citation = "Zhou et al. 2016, Learning Deep Features for Discriminative Localization (CVPR)"
     needs_gradients = False
     class_discriminative = True

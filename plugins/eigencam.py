@@ -42,6 +42,7 @@ class EigenCAM(camkit.Method):
     """First principal component of the activations; weights are ones, ``(N, C)``."""
 
     name = "eigencam"
+    differentiable = True
     aliases = ("eigen-cam",)
     citation = (
         "Muhammad & Yeasin 2020, Eigen-CAM: Class Activation Map using Principal Components (IJCNN)"
@@ -65,6 +66,7 @@ class EigenGradCAM(camkit.Method):
     """First principal component of ``g * A``; weights are the gradients, ``(N, C, *S)``."""
 
     name = "eigengradcam"
+    differentiable = True
     aliases = ("eigen-grad-cam",)
     citation = EigenCAM.citation + ", applied to gradient times activation"
     needs_gradients = True

@@ -24,6 +24,7 @@ class GradCAM(camkit.Method):
     """Channel weights: gradients averaged over positions, ``(N, C, *S) -> (N, C)``."""
 
     name = "gradcam"
+    differentiable = True
     aliases = ("grad-cam",)
     citation = (
         "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via "

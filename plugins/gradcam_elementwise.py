@@ -21,6 +21,7 @@ class GradCAMElementwise(camkit.Method):
     """Element-wise weights (the gradients) and the sum of ``ReLU(g * A)`` over channels."""
 
     name = "gradcam-elementwise"
+    differentiable = True
     citation = (
         "Draelos & Carin 2020, Use HiResCAM instead of Grad-CAM for faithful explanations of "
         "convolutional neural networks (arXiv:2011.08891), element-wise ReLU variant"

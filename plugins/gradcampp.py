@@ -48,6 +48,7 @@ class GradCAMPlusPlus(camkit.Method):
     """Grad-CAM++ channel weights, ``(N, C)``."""
 
     name = "gradcampp"
+    differentiable = True
     aliases = ("gradcam++", "grad-cam++")
     citation = (
         "Chattopadhay et al. 2018, Grad-CAM++: Generalized Gradient-Based Visual Explanations "

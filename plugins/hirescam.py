@@ -20,6 +20,7 @@ class HiResCAM(camkit.Method):
     """HiResCAM element-wise weights: the gradients, ``(N, C, *S)``."""
 
     name = "hirescam"
+    differentiable = True
     aliases = ("hires-cam",)
     citation = (
         "Draelos & Carin 2020, Use HiResCAM instead of Grad-CAM for faithful explanations of "

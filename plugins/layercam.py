@@ -31,6 +31,7 @@ class LayerCAM(camkit.Method):
     """LayerCAM element-wise weights ``ReLU(g)``, ``(N, C, *S)``, and its multi-layer fusion."""
 
     name = "layercam"
+    differentiable = True
     aliases = ("layer-cam",)
     citation = (
         "Jiang et al. 2021, LayerCAM: Exploring Hierarchical Class Activation Maps for "

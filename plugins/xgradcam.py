@@ -24,6 +24,7 @@ class XGradCAM(camkit.Method):
     """XGrad-CAM channel weights, ``(N, C)``."""
 
     name = "xgradcam"
+    differentiable = True
     aliases = ("xgrad-cam",)
     citation = (
         "Fu et al. 2020, Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation "

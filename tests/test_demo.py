@@ -181,3 +181,15 @@ def test_shipped_model() -> None:
         pred = model(val.tensor()).argmax(1)
     assert float((pred == torch.from_numpy(val.labels[:, 0])).float().mean()) >= 0.9
     assert camkit.explain(model, val.tensor()[:2], method="cam").layer == "features"
+
+
+def test_methods_that_do_not_apply_to_the_demo_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert "legrad" in demo_run.NOT_FOR_THE_DEMO
+    with pytest.raises(camkit.InputError, match="cannot run 'legrad': it explains vision"):
+        run_demo(tmp_path / "out", methods=["legrad"], progress=False)
+    # methods=None runs every registered method but those
+    monkeypatch.setattr(demo_run, "list_methods", lambda: ["legrad", "random"])
+    rows = run_demo(tmp_path / "all", progress=False)
+    assert [r["method"] for r in rows] == ["random"]

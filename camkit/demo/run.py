@@ -65,6 +65,13 @@ DILATE = 1
 METHOD_OPTIONS: Mapping[str, Mapping[str, Any]] = {
     "sscam": {"n_samples": 2},
     "iscam": {"n_samples": 2},
+    "rise": {"n_masks": 300},
+    "occlusion": {"patch": 8, "stride": 4},
+    "sess": {"scales": [64, 96, 128], "step": 32},
+}
+#: Methods that do not apply to the demo's CNN, and why: skipped when ``methods`` is ``None``.
+NOT_FOR_THE_DEMO: Mapping[str, str] = {
+    "legrad": "it explains vision transformers (attention maps); the demo model is a CNN",
 }
 #: Side of a cell of the grid and of each overlay file, in pixels (images are 64 x 64).
 CELL = 128
@@ -274,7 +281,8 @@ def run_demo(
 
     Args:
         out_dir: the output folder.
-        methods: method names (aliases allowed); ``None`` for every registered method.
+        methods: method names (aliases allowed); ``None`` for every registered method that
+            applies to the demo's CNN (not those in :data:`NOT_FOR_THE_DEMO`).
         device: where the model runs.
         progress: a progress bar over methods; ``None`` shows it when stderr is a terminal.
         seed: selects the held-out scenes and seeds every method's random draws.
@@ -286,10 +294,16 @@ def run_demo(
         ``"time per image"`` (milliseconds).
     """
     registry = default_registry()
-    names = list(list_methods()) if methods is None else [str(m) for m in methods]
+    names = (
+        [m for m in list_methods() if m not in NOT_FOR_THE_DEMO]
+        if methods is None
+        else [str(m) for m in methods]
+    )
     canonical: list[str] = []
     for name in names:
         c = registry.get(name).name  # UnknownMethodError lists close matches
+        if c in NOT_FOR_THE_DEMO:
+            raise InputError(f"run_demo cannot run {c!r}: {NOT_FOR_THE_DEMO[c]}.")
         if c not in canonical:
             canonical.append(c)
     if not canonical:
