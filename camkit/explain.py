@@ -35,7 +35,7 @@ from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
 from .errors import InputError, LayerError, OptionError, PluginError
 from .forward import Forward, buffers_kept, captured_forward, check_inputs, unwrap
-from .layers import LayerSpec, cached_default_layer, resolve_layers
+from .layers import LayerSpec, cached_default_layer, resolve_layers, target_key, target_scorer
 from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
 from .options import resolve_options
@@ -140,7 +140,7 @@ class Explainer:
             model=model,
             inputs=inputs,
             kwargs=kwargs,
-            layers=self._layers(model, inputs, kwargs),
+            layers=self._layers(model, inputs, kwargs, target, opts["output"]),
             method=self.method,
             target=target,
             options=opts,
@@ -150,7 +150,12 @@ class Explainer:
             return _run_augmented(call) if opts["aug_smooth"] else _run(call)
 
     def _layers(
-        self, model: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Any]
+        self,
+        model: nn.Module,
+        inputs: tuple[Tensor, ...],
+        kwargs: dict[str, Any],
+        target: Any,
+        choice: Any,
     ) -> list[tuple[str, nn.Module]]:
         if self.layer is not None:
             return resolve_layers(model, self.layer)
@@ -170,6 +175,7 @@ class Explainer:
         key = (
             tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
             tuple(sorted(kwargs)),
+            target_key(target, choice),
         )
         with buffers_kept(model):
             name = cached_default_layer(
@@ -178,6 +184,7 @@ class Explainer:
                 lambda: model(*inputs, **kwargs),
                 tuple(inputs[0].shape[2:]),
                 int(inputs[0].shape[0]),
+                target_scorer(target, choice, int(inputs[0].shape[0])),
             )
         return resolve_layers(model, name)
 
