@@ -58,6 +58,8 @@ class Case:
     layer: str
     options: dict[str, Any] = field(default_factory=dict)
     target: Any = None
+    #: over 10 s on 2 shared cores: left out of the default test run (``-m slow`` runs it)
+    slow: bool = False
 
 
 def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
@@ -128,14 +130,16 @@ CASES: list[Case] = [
     Case("timm-convnext", "timm", "ConvNeXt",
          _timm("convnext_atto", dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)), 128, "stages"),
     Case("timm-resnet", "timm", "ResNet", _timm("resnet18"), 128, "layer4"),
-    Case("timm-efficientnet", "timm", "EfficientNet", _timm("efficientnet_b0"), 128, "bn2"),
+    Case("timm-efficientnet", "timm", "EfficientNet", _timm("efficientnet_b0"), 128, "bn2",
+         slow=True),
     Case("timm-mobilenetv3", "timm", "MobileNet v3", _timm("mobilenetv3_small_050"), 128,
          "blocks"),
     Case("timm-regnet", "timm", "RegNet", _timm("regnetx_002"), 128, "final_conv"),
     Case("timm-maxvit", "timm", "MaxViT", _timm("maxvit_pico_rw_256", img_size=128), 128, "norm"),
     Case("timm-coatnet", "timm", "CoAtNet", _timm("coatnet_pico_rw_224", img_size=128), 128,
-         "norm"),
-    Case("timm-levit", "timm", "LeViT", _timm("levit_128s", img_size=224), 224, "stages"),
+         "norm", slow=True),
+    Case("timm-levit", "timm", "LeViT", _timm("levit_128s", img_size=224), 224, "stages",
+         slow=True),
     # -- Hugging Face transformers ---------------------------------------------------------
     Case("hf-vit", "transformers", "ViT",
          _hf("ViTForImageClassification", "ViTConfig", **_VIT_HF, num_labels=5), 64,

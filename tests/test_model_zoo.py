@@ -35,7 +35,9 @@ def _load_sweep() -> Any:
 sweep = _load_sweep()
 
 
-@pytest.mark.parametrize("key", list(sweep.BY_KEY))
+@pytest.mark.parametrize(
+    "key", [pytest.param(c.key, marks=[pytest.mark.slow] if c.slow else []) for c in sweep.CASES]
+)
 def test_family_is_explained_at_the_documented_layer(key: str) -> None:
     case = sweep.BY_KEY[key]
     pytest.importorskip(case.library)
