@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .errors import LayerError, UnknownLayerError, did_you_mean
 from .layout import has_spatial_extent, infer_layout
-from .targets import ClassTarget, as_target, select_output
+from .targets import ClassTarget, score_target, select_output
 
 __all__ = [
     "LayerInfo",
@@ -398,14 +398,13 @@ def cached_default_layer(
 
 def target_scorer(target: Any, choice: Any, n: int) -> Callable[[Any], Tensor]:
     """The scores ``(N,)`` (or ``(N, K)``) the search measures dependence on: ``target`` (as
-    ``explain`` takes it) on the part of the output the ``output`` option ``choice`` selects."""
+    ``explain`` takes it) on the part of the output the ``output`` option ``choice`` selects
+    (:func:`camkit.targets.score_target`, the explained call's own scoring step)."""
 
     def score(output: Any) -> Tensor:
         selected = select_output(output, choice)
-        wrapped, _ = as_target(target, selected, n)
-        scored = selected if choice is not None or isinstance(wrapped, ClassTarget) else output
-        index = torch.arange(n, device=selected.device if isinstance(selected, Tensor) else None)
-        return wrapped.scores(scored, index)
+        device = selected.device if isinstance(selected, Tensor) else None
+        return score_target(output, target, choice, torch.arange(n, device=device), n)[3]
 
     return score
 
