@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import camkit
-from camkit.boxes import BoxTarget, cxcywh_to_xyxy, detections
+from camkit.detection import BoxTarget, cxcywh_to_xyxy, detections
 
 
 class TinyYOLO(nn.Module):
