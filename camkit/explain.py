@@ -34,7 +34,15 @@ from . import augment, cam
 from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
 from .errors import InputError, LayerError, OptionError, PluginError
-from .forward import Forward, buffers_kept, captured_forward, check_inputs, unwrap
+from .forward import (
+    Forward,
+    buffers_kept,
+    captured_forward,
+    check_inputs,
+    normal_tensor,
+    outside_inference_mode,
+    unwrap,
+)
 from .layers import LayerSpec, cached_default_layer, resolve_layers, target_key, target_scorer
 from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
@@ -120,6 +128,12 @@ class Explainer:
         Returns:
             A :class:`CamResult`.
         """
+        # inside torch.inference_mode() (Lightning's test and predict loops) the call leaves it
+        # for its own duration, and copies inference tensors so that autograd can use them
+        with outside_inference_mode():
+            return self._explain(x, target, options)
+
+    def _explain(self, x: Any, target: Any, options: dict[str, Any]) -> CamResult:
         model = self.model
         if model is None:
             raise InputError("this Explainer was closed; create a new one to explain more inputs.")
@@ -135,7 +149,7 @@ class Explainer:
         )
         _check_differentiable(self.method, opts)
         inputs = check_inputs(x)
-        kwargs = dict(opts["model_kwargs"] or {})
+        kwargs = {k: normal_tensor(v) for k, v in (opts["model_kwargs"] or {}).items()}
         call = Call(
             model=model,
             inputs=inputs,
