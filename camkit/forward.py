@@ -28,11 +28,11 @@ __all__ = [
     "buffers_kept",
     "captured_forward",
     "check_inputs",
-    "normal_tensor",
-    "outside_inference_mode",
     "check_layer_output",
     "detector_transform",
     "missing_layers",
+    "normal_tensor",
+    "outside_inference_mode",
     "unwrap",
 ]
 
