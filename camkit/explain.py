@@ -43,6 +43,7 @@ from .forward import (
     outside_inference_mode,
     unwrap,
 )
+from .inputs import KeywordModel, split_mapping
 from .layers import LayerSpec, cached_default_layer, resolve_layers, target_key, target_scorer
 from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
@@ -120,7 +121,8 @@ class Explainer:
         """Explain the batch ``x`` for ``target``.
 
         Args:
-            x: ``(N, C_in, *S_in)`` tensor, or a tuple of tensors whose first gives the map's size.
+            x: ``(N, C_in, *S_in)`` tensor, a tuple of tensors whose first gives the map's size,
+                or a mapping of the model's keyword arguments (see :mod:`camkit.inputs`).
             target: ``None`` (predicted class), an int, ``N`` ints, a callable
                 ``f(output) -> (N,)`` or a target object.
             **options: options overriding the explainer's for this call.
@@ -148,13 +150,18 @@ class Explainer:
             else self.options
         )
         _check_differentiable(self.method, opts)
-        inputs = check_inputs(x)
         kwargs = {k: normal_tensor(v) for k, v in (opts["model_kwargs"] or {}).items()}
+        runner = model
+        if isinstance(x, Mapping):  # keyword inputs: the image and its rows' tensors by name
+            keys, values, rest = split_mapping(x, opts["image_key"])
+            x, runner = values, KeywordModel(model, keys)
+            kwargs = {**{k: normal_tensor(v) for k, v in rest.items()}, **kwargs}
+        inputs = check_inputs(x)
         call = Call(
-            model=model,
+            model=runner,
             inputs=inputs,
             kwargs=kwargs,
-            layers=self._layers(model, inputs, kwargs, target, opts["output"]),
+            layers=self._layers(model, runner, inputs, kwargs, target, opts["output"]),
             method=self.method,
             target=target,
             options=opts,
@@ -166,6 +173,7 @@ class Explainer:
     def _layers(
         self,
         model: nn.Module,
+        runner: nn.Module,
         inputs: tuple[Tensor, ...],
         kwargs: dict[str, Any],
         target: Any,
@@ -195,7 +203,7 @@ class Explainer:
             name = cached_default_layer(
                 model,
                 key,
-                lambda: model(*inputs, **kwargs),
+                lambda: runner(*inputs, **kwargs),
                 tuple(inputs[0].shape[2:]),
                 int(inputs[0].shape[0]),
                 target_scorer(target, choice, int(inputs[0].shape[0])),
@@ -215,7 +223,8 @@ def explain(
 
     Args:
         model: any ``nn.Module``.
-        x: ``(N, C_in, *S_in)`` tensor (1D, 2D or 3D spatial), or a tuple of tensors.
+        x: ``(N, C_in, *S_in)`` tensor (1D, 2D or 3D spatial), a tuple of tensors, or a
+            mapping of the model's keyword arguments with the image under ``image_key``.
         method: a registered method name or a :class:`camkit.Method` instance.
         layer: a dotted name, a module, a list of those, or ``None`` (the last spatial layer).
         target: ``None`` (predicted class), an int, ``N`` ints, a callable or a target object.

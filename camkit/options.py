@@ -27,6 +27,7 @@ COMMON_OPTIONS: Mapping[str, Any] = {
     "output": None,
     "model_kwargs": None,
     "differentiable": False,
+    "image_key": None,
 }
 
 #: Test-time augmentations ``aug_smooth`` can name; ``True`` means all of them.
@@ -79,6 +80,12 @@ def _check_common(opts: Mapping[str, Any]) -> None:
         raise OptionError(
             f"option 'model_kwargs' expects a mapping of keyword arguments for the model, "
             f"got {type(kwargs).__name__}."
+        )
+    key = opts["image_key"]
+    if key is not None and not isinstance(key, str):
+        raise OptionError(
+            "option 'image_key' expects the key of the image in a mapping input x, a str; "
+            f"got {type(key).__name__}."
         )
     out = opts["output"]
     if out is not None and not isinstance(out, (int, str)) and not callable(out):

@@ -96,3 +96,110 @@ def test_segformer_explained_for_a_mask_at_the_input_size() -> None:
     assert target.resized == ((64, 64), (16, 16))
     assert res.layer == "decode_head.activation" and res.maps.shape == (2, 64, 64)
     torch.testing.assert_close(res.scores, logits[:, 1, 2:10, 4:12].sum((1, 2)))
+
+
+# -- mapping inputs: x as the model's keyword arguments ----------------------------------------
+
+
+class Masked(torch.nn.Module):
+    """``forward(images, mask, scale)``: a mask ``(N, H, W)`` follows the image's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyCNN().eval()
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        out: torch.Tensor = self.net(images * mask[:, None]) * scale
+        return out
+
+
+def test_a_mapping_input_equals_the_positional_call() -> None:
+    model = Masked()
+    x = torch.randn(3, 3, 16, 16)
+    mask = (torch.rand(3, 16, 16) > 0.3).float()
+    for method in ("gradcam", "scorecam"):  # scorecam re-scores masked copies of the rows
+        ref = camkit.explain(model, (x, mask), method=method, model_kwargs={"scale": 2.0})
+        got = camkit.explain(model, {"images": x, "mask": mask, "scale": 2.0}, method=method)
+        assert got.layer == ref.layer == "net.features"
+        torch.testing.assert_close(got.maps, ref.maps, rtol=0, atol=0)
+        torch.testing.assert_close(got.scores, ref.scores, rtol=0, atol=0)
+
+
+def test_image_key_names_the_image_and_errors_say_what_to_do() -> None:
+    model = Masked()
+    x, mask = torch.randn(2, 3, 16, 16), torch.ones(2, 16, 16)
+    res = camkit.explain(model, {"images": x, "mask": mask}, image_key="images")
+    assert res.maps.shape == (2, 16, 16)
+    with pytest.raises(camkit.InputError, match=r"none of which is an image key .*image_key="):
+        camkit.explain(model, {"img": x, "mask": mask})
+    with pytest.raises(camkit.InputError, match="image_key='pixels' is not a key of x"):
+        camkit.explain(model, {"images": x, "mask": mask}, image_key="pixels")
+    with pytest.raises(camkit.OptionError, match="image_key"):
+        camkit.explain(model, {"images": x, "mask": mask}, image_key=3)
+
+
+def test_hugging_face_processor_output_is_explained_as_is() -> None:
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=16,
+        num_labels=5,
+    )
+    model = transformers.ViTForImageClassification(config).eval()
+    processor = transformers.ViTImageProcessor(size={"height": 64, "width": 64})
+    images = [
+        np.random.default_rng(i).integers(0, 255, (80, 96, 3), dtype=np.uint8) for i in range(2)
+    ]
+    batch = processor(images=images, return_tensors="pt")  # a BatchFeature: pixel_values
+    res = camkit.explain(model, batch)
+    ref = camkit.explain(model, batch["pixel_values"])
+    assert res.layer == "vit.layers.1.layernorm_before"
+    torch.testing.assert_close(res.maps, ref.maps, rtol=0, atol=0)
+
+
+def test_clip_model_with_a_similarity_target() -> None:
+    transformers = pytest.importorskip("transformers")
+    from camkit.targets import SimilarityTarget
+
+    torch.manual_seed(0)
+    text = transformers.CLIPTextConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+    )
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    config = transformers.CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8
+    )
+    model = transformers.CLIPModel(config).eval()
+    ids = torch.tensor([[1, 5, 7, 2], [1, 9, 2, 0], [1, 3, 4, 2]])  # three texts
+    x = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": ids}
+    with torch.no_grad():
+        out = model(**x)
+    reference = out.text_embeds[1]  # the second text's embedding
+    target = SimilarityTarget(reference)
+    res = camkit.explain(model, x, target=target, output="image_embeds")
+    assert res.layer == "vision_model.encoder.layers.1.layer_norm1"
+    assert res.maps.shape == (2, 32, 32) and bool(res.maps.any())
+    want = torch.nn.functional.cosine_similarity(out.image_embeds, reference[None], dim=1)
+    torch.testing.assert_close(res.scores, want)
+    # a method scoring masked copies: the texts stay as they are, the images get the copies
+    scored = camkit.explain(model, x, method="scorecam", target=target, output="image_embeds")
+    assert scored.maps.shape == (2, 32, 32) and torch.isfinite(scored.maps).all()
