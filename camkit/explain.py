@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,7 +34,14 @@ from torch import Tensor, nn
 from . import augment, cam
 from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
-from .errors import InputError, LayerError, OptionError, PluginError
+from .errors import (
+    CamkitWarning,
+    InputError,
+    LayerError,
+    OptionError,
+    PluginError,
+    user_stacklevel,
+)
 from .forward import (
     Forward,
     buffers_kept,
@@ -43,7 +51,7 @@ from .forward import (
     outside_inference_mode,
     unwrap,
 )
-from .inputs import KeywordModel, split_mapping
+from .inputs import KeywordModel, input_spatial, split_mapping
 from .layers import LayerSpec, cached_default_layer, resolve_layers, target_key, target_scorer
 from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
@@ -161,7 +169,9 @@ class Explainer:
             model=runner,
             inputs=inputs,
             kwargs=kwargs,
-            layers=self._layers(model, runner, inputs, kwargs, target, opts["output"]),
+            layers=self._layers(
+                model, runner, inputs, kwargs, target, opts["output"], opts["spatial_dims"]
+            ),
             method=self.method,
             target=target,
             options=opts,
@@ -178,6 +188,7 @@ class Explainer:
         kwargs: dict[str, Any],
         target: Any,
         choice: Any,
+        spatial_dims: int | None,
     ) -> list[tuple[str, nn.Module]]:
         if self.layer is not None:
             return resolve_layers(model, self.layer)
@@ -198,13 +209,14 @@ class Explainer:
             tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
             tuple(sorted(kwargs)),
             target_key(target, choice),
+            spatial_dims,
         )
         with buffers_kept(model):
             name = cached_default_layer(
                 model,
                 key,
                 lambda: runner(*inputs, **kwargs),
-                tuple(inputs[0].shape[2:]),
+                input_spatial(inputs[0], spatial_dims),
                 int(inputs[0].shape[0]),
                 target_scorer(target, choice, int(inputs[0].shape[0])),
             )
@@ -388,6 +400,8 @@ def _weights_per_layer(
             raw = raw.clamp_min(0)
         raws[name], weights[name], extras[name] = raw, w.detach(), ctx.extras
         m = raw
+        if opts["upsample"] is not None and len(spatial) != m.ndim - 1:
+            m = _to_input_rank(name, m, spatial)
         if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
             if got.fwd.geometry is not None:
                 m = cam.through_resize(m, got.fwd.geometry, got.several, spatial, opts["upsample"])
@@ -395,6 +409,23 @@ def _weights_per_layer(
                 m = cam.upsample(m, spatial, opts["upsample"])
         maps.append(m)
     return raws, weights, maps, extras
+
+
+def _to_input_rank(name: str, m: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """A map ``(N, *S)`` whose spatial rank is not the input's: its size-1 axes dropped when
+    that leaves the input's rank (a signal model's ``(N, L', 1)`` map for ``(N, L)`` inputs),
+    else as it is, with a warning that it stays at the layer's size."""
+    kept = [d for d in m.shape[1:] if d != 1]
+    if len(kept) == len(spatial):
+        return m.reshape(m.shape[0], *kept)
+    warnings.warn(
+        f"the map of layer {name!r}, {tuple(m.shape[1:])}, has not the input's spatial rank "
+        f"{spatial}: it stays at the layer's size, not upsampled. Pass spatial_dims=... (the "
+        "number of trailing spatial axes of the input) or reshape=..., or choose another layer.",
+        CamkitWarning,
+        stacklevel=user_stacklevel(),
+    )
+    return m
 
 
 def _combine(got: _Captured, maps: list[Tensor]) -> Tensor:

@@ -1,5 +1,11 @@
-"""Keyword inputs: ``x`` as a mapping of the model's keyword arguments.
+"""Inputs: which axes of the input are spatial, and ``x`` as a mapping of keyword arguments.
 
+**Spatial axes.** An input ``(N, C, *S)`` has the spatial axes ``S`` (maps come back at that
+size). An input of two axes ``(N, L)`` has no channel axis: it is a batch of signals, and its
+spatial axis is ``L``. The ``spatial_dims`` option overrides the rule: the last ``k`` axes are
+spatial (``spatial_dims=2`` for a grayscale batch ``(N, H, W)`` without channel axis).
+
+**Keyword inputs.**
 Hugging Face processors return a mapping (``BatchFeature``) and models such as ``CLIPModel``
 take the image as ``pixel_values=``, not as their first positional argument. camkit accepts
 such a mapping as ``x``:
@@ -23,10 +29,26 @@ from torch import Tensor, nn
 
 from .errors import InputError
 
-__all__ = ["IMAGE_KEYS", "KeywordModel", "split_mapping"]
+__all__ = ["IMAGE_KEYS", "KeywordModel", "input_spatial", "split_mapping"]
 
 #: Keys tried, in order, for the image of a mapping input when ``image_key`` is not given.
 IMAGE_KEYS = ("pixel_values", "images", "x")
+
+
+def input_spatial(first: Tensor, spatial_dims: int | None = None) -> tuple[int, ...]:
+    """The spatial size of the input ``first`` (see the module docstring).
+
+    Raises:
+        InputError: when ``spatial_dims`` leaves no batch axis.
+    """
+    if spatial_dims is None:
+        return tuple(first.shape[1:]) if first.ndim == 2 else tuple(first.shape[2:])
+    if spatial_dims >= first.ndim:
+        raise InputError(
+            f"spatial_dims={spatial_dims} for an input of shape {tuple(first.shape)}: expected "
+            f"at most {first.ndim - 1} (the batch axis first); pass fewer spatial axes."
+        )
+    return tuple(first.shape[first.ndim - spatial_dims :])
 
 
 class KeywordModel(nn.Module):

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LayerError, UnknownLayerError, did_you_mean
+from .inputs import input_spatial
 from .layout import has_spatial_extent, infer_layout
 from .targets import ClassTarget, score_target, select_output
 
@@ -437,7 +438,7 @@ def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
     """
     inputs = x if isinstance(x, tuple) else (x,)
     first = inputs[0]
-    spatial = tuple(first.shape[2:]) if isinstance(first, Tensor) else None
+    spatial = input_spatial(first) if isinstance(first, Tensor) else None
     batch = int(first.shape[0]) if isinstance(first, Tensor) else 0
     records = probe(model, lambda: model(*inputs, **model_kwargs), spatial, batch)
     return [

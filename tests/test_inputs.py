@@ -203,3 +203,67 @@ def test_clip_model_with_a_similarity_target() -> None:
     # a method scoring masked copies: the texts stay as they are, the images get the copies
     scored = camkit.explain(model, x, method="scorecam", target=target, output="image_embeds")
     assert scored.maps.shape == (2, 32, 32) and torch.isfinite(scored.maps).all()
+
+
+# -- inputs without a channel axis: (N, L) signals, spatial_dims ------------------------------
+
+
+class PitchNet(torch.nn.Module):
+    """A pitch-estimation-style CNN on raw signals ``(N, L)``: unsqueezed to ``(N, 1, L, 1)``,
+    2D convolutions with ``(k, 1)`` kernels, a classifier over the flattened features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(1, 4, (8, 1), stride=(4, 1), padding=(2, 0))
+        self.conv2 = torch.nn.Conv2d(4, 6, (4, 1), stride=(2, 1), padding=(1, 0))
+        self.fc = torch.nn.Linear(6 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x[:, None, :, None]))  # (N, 4, 16, 1)
+        h = torch.relu(self.conv2(h))  # (N, 6, 8, 1)
+        out: torch.Tensor = self.fc(h.flatten(1))
+        return out
+
+
+def test_signals_without_a_channel_axis_get_maps_at_the_input_size() -> None:
+    model = PitchNet().eval()
+    x = torch.randn(3, 64)
+    res = camkit.explain(model, x, target=[0, 1, 2])
+    assert res.layer == "conv2"  # (N, 6, 8, 1): the last layer the scores depend on
+    assert res.raw.shape == (3, 8, 1) and res.maps.shape == (3, 64)
+    # the map is the layer's (8,) map upsampled linearly to the signal's 64 samples
+    flat = res.raw[:, :, 0]
+    want = torch.nn.functional.interpolate(flat[:, None], size=64, mode="linear")[:, 0]
+    lo, hi = want.amin(1, keepdim=True), want.amax(1, keepdim=True)
+    torch.testing.assert_close(res.maps, (want - lo) / (hi - lo))
+
+
+def test_spatial_dims_names_the_spatial_axes_and_a_mismatch_warns() -> None:
+    from camkit.inputs import input_spatial
+
+    assert input_spatial(torch.zeros(2, 64)) == (64,)
+    assert input_spatial(torch.zeros(2, 3, 8, 8)) == (8, 8)
+    assert input_spatial(torch.zeros(2, 16, 16), spatial_dims=2) == (16, 16)
+
+    class Gray(torch.nn.Module):  # (N, H, W) grayscale, no channel axis
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyCNN(in_channels=1).eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.net(x[:, None])
+            return out
+
+    x = torch.randn(2, 16, 16)
+    res = camkit.explain(Gray(), x, layer="net.features", spatial_dims=2)
+    assert res.maps.shape == (2, 16, 16) and res.raw.shape == (2, 8, 8)
+    # read by the default rule, (N, 16, 16) is 16 channels over 16 samples: the (8, 8) map of
+    # the layer cannot be brought to it, and the call says so
+    with pytest.warns(camkit.CamkitWarning, match=r"stays at the layer's size.*spatial_dims"):
+        res = camkit.explain(Gray(), x, layer="net.features")
+    assert res.maps.shape == (2, 8, 8)
+    with pytest.raises(camkit.InputError, match="spatial_dims=3 for an input of shape"):
+        camkit.explain(Gray(), x, layer="net.features", spatial_dims=3)
+    with pytest.raises(camkit.OptionError, match="spatial_dims"):
+        camkit.explain(Gray(), x, spatial_dims=0)
