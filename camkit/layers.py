@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LayerError, UnknownLayerError, did_you_mean
-from .inputs import input_spatial
+from .inputs import KeywordModel, input_spatial, split_mapping
 from .layout import has_spatial_extent, infer_layout
 from .targets import ClassTarget, score_target, select_output
 
@@ -430,17 +430,22 @@ def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
 
     Args:
         model: the model.
-        x: an input batch (a tensor or a tuple of tensors).
+        x: an input batch (a tensor, a tuple of tensors, or a mapping of the model's keyword
+            arguments with the image under one of :data:`camkit.inputs.IMAGE_KEYS`).
         **model_kwargs: extra keyword arguments for the model.
 
     Returns:
         One :class:`LayerInfo` per module that ran; ``candidate`` marks usable layers.
     """
+    runner = model
+    if isinstance(x, Mapping):
+        keys, x, rest = split_mapping(x, None)
+        runner, model_kwargs = KeywordModel(model, keys), {**rest, **model_kwargs}
     inputs = x if isinstance(x, tuple) else (x,)
     first = inputs[0]
     spatial = input_spatial(first) if isinstance(first, Tensor) else None
     batch = int(first.shape[0]) if isinstance(first, Tensor) else 0
-    records = probe(model, lambda: model(*inputs, **model_kwargs), spatial, batch)
+    records = probe(model, lambda: runner(*inputs, **model_kwargs), spatial, batch)
     return [
         LayerInfo(
             name=r.name,

@@ -267,3 +267,10 @@ def test_spatial_dims_names_the_spatial_axes_and_a_mismatch_warns() -> None:
         camkit.explain(Gray(), x, layer="net.features", spatial_dims=3)
     with pytest.raises(camkit.OptionError, match="spatial_dims"):
         camkit.explain(Gray(), x, spatial_dims=0)
+
+
+def test_layers_lists_the_modules_of_a_mapping_input() -> None:
+    model = Masked()
+    x = {"images": torch.randn(2, 3, 16, 16), "mask": torch.ones(2, 16, 16)}
+    infos = {i.name: i for i in camkit.layers(model, x)}
+    assert infos["net.features"].shape == (2, 16, 8, 8) and infos["net.features"].candidate
