@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,14 +33,7 @@ from torch import Tensor, nn
 from . import augment, cam
 from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
-from .errors import (
-    CamkitWarning,
-    InputError,
-    LayerError,
-    OptionError,
-    PluginError,
-    user_stacklevel,
-)
+from .errors import InputError, LayerError, OptionError, PluginError
 from .forward import (
     Forward,
     buffers_kept,
@@ -51,7 +43,7 @@ from .forward import (
     outside_inference_mode,
     unwrap,
 )
-from .inputs import KeywordModel, input_spatial, split_mapping
+from .inputs import KeywordModel, input_spatial, split_mapping, to_input_rank
 from .layers import LayerSpec, cached_default_layer, resolve_layers, target_key, target_scorer
 from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
@@ -401,7 +393,7 @@ def _weights_per_layer(
         raws[name], weights[name], extras[name] = raw, w.detach(), ctx.extras
         m = raw
         if opts["upsample"] is not None and len(spatial) != m.ndim - 1:
-            m = _to_input_rank(name, m, spatial)
+            m = to_input_rank(name, m, spatial)
         if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
             if got.fwd.geometry is not None:
                 m = cam.through_resize(m, got.fwd.geometry, got.several, spatial, opts["upsample"])
@@ -409,23 +401,6 @@ def _weights_per_layer(
                 m = cam.upsample(m, spatial, opts["upsample"])
         maps.append(m)
     return raws, weights, maps, extras
-
-
-def _to_input_rank(name: str, m: Tensor, spatial: tuple[int, ...]) -> Tensor:
-    """A map ``(N, *S)`` whose spatial rank is not the input's: its size-1 axes dropped when
-    that leaves the input's rank (a signal model's ``(N, L', 1)`` map for ``(N, L)`` inputs),
-    else as it is, with a warning that it stays at the layer's size."""
-    kept = [d for d in m.shape[1:] if d != 1]
-    if len(kept) == len(spatial):
-        return m.reshape(m.shape[0], *kept)
-    warnings.warn(
-        f"the map of layer {name!r}, {tuple(m.shape[1:])}, has not the input's spatial rank "
-        f"{spatial}: it stays at the layer's size, not upsampled. Pass spatial_dims=... (the "
-        "number of trailing spatial axes of the input) or reshape=..., or choose another layer.",
-        CamkitWarning,
-        stacklevel=user_stacklevel(),
-    )
-    return m
 
 
 def _combine(got: _Captured, maps: list[Tensor]) -> Tensor:

@@ -22,14 +22,15 @@ layers keep the model's own names.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import CamkitWarning, InputError, user_stacklevel
 
-__all__ = ["IMAGE_KEYS", "KeywordModel", "input_spatial", "split_mapping"]
+__all__ = ["IMAGE_KEYS", "KeywordModel", "input_spatial", "split_mapping", "to_input_rank"]
 
 #: Keys tried, in order, for the image of a mapping input when ``image_key`` is not given.
 IMAGE_KEYS = ("pixel_values", "images", "x")
@@ -110,3 +111,20 @@ def split_mapping(
     names = (image_key, *follow)
     rest = {k: v for k, v in x.items() if k not in names}
     return names, tuple(x[k] for k in names), rest
+
+
+def to_input_rank(name: str, m: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """A map ``(N, *S)`` whose spatial rank is not the input's: its size-1 axes dropped when
+    that leaves the input's rank (a signal model's ``(N, L', 1)`` map for ``(N, L)`` inputs),
+    else as it is, with a warning that it stays at the layer's size."""
+    kept = [d for d in m.shape[1:] if d != 1]
+    if len(kept) == len(spatial):
+        return m.reshape(m.shape[0], *kept)
+    warnings.warn(
+        f"the map of layer {name!r}, {tuple(m.shape[1:])}, has not the input's spatial rank "
+        f"{spatial}: it stays at the layer's size, not upsampled. Pass spatial_dims=... (the "
+        "number of trailing spatial axes of the input) or reshape=..., or choose another layer.",
+        CamkitWarning,
+        stacklevel=user_stacklevel(),
+    )
+    return m
