@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .inputs import input_spatial
 from .method import Method
 
 __all__ = ["Call", "autocast_state"]
@@ -61,8 +62,8 @@ class Call:
 
     @property
     def spatial(self) -> tuple[int, ...]:
-        """The input's spatial size ``S_in``."""
-        return tuple(self.inputs[0].shape[2:])
+        """The input's spatial size ``S_in`` (:func:`camkit.inputs.input_spatial`)."""
+        return input_spatial(self.inputs[0], self.options.get("spatial_dims"))
 
     @property
     def device(self) -> torch.device:

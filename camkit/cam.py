@@ -19,8 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import TargetError
+
 __all__ = [
     "eigen_combine",
+    "fit_mask",
     "fuse_mean",
     "normalize",
     "principal_component",
@@ -162,3 +165,32 @@ def through_resize(
         full = upsample(maps[i : i + 1], canvas, mode)
         out.append(upsample(full[:, :h, :w], size, mode))
     return torch.cat(out)
+
+
+def fit_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """A mask ``(..., *S)`` laid on a grid of ``size``.
+
+    At ``size`` it is returned as is. At another size with the same aspect ratio (``size`` is
+    the mask's size divided by one stride, up to rounding: a mask at the input's size for
+    logits at a quarter of it) it is resized: by area averaging when shrinking (each cell
+    weighted by the share of it the mask covers, so sums over the mask keep their meaning),
+    nearest when enlarging.
+
+    Raises:
+        TargetError: for any other size, naming both.
+    """
+    have, want = tuple(mask.shape[-len(size) :]), tuple(size)
+    if have == want:
+        return mask
+    stride = max(h / w for h, w in zip(have, want, strict=True))
+    ok = all(int(h / stride) <= w <= -int(-h // stride) for h, w in zip(have, want, strict=True))
+    if mask.ndim < len(size) or not ok:
+        raise TargetError(
+            f"the mask {tuple(mask.shape)} does not fit the output's {want} grid: expected that "
+            "size, or one with its aspect ratio (resized to it); pass a mask at the input's or "
+            "the output's size."
+        )
+    lead = mask.shape[: mask.ndim - len(size)]
+    flat = mask.reshape(-1, 1, *have).float()
+    mode = "area" if stride > 1 else "nearest"
+    return F.interpolate(flat, size=want, mode=mode).reshape(*lead, *want)

@@ -34,8 +34,17 @@ from . import augment, cam
 from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
 from .errors import InputError, LayerError, OptionError, PluginError
-from .forward import Forward, buffers_kept, captured_forward, check_inputs, unwrap
-from .layers import LayerSpec, cached_default_layer, resolve_layers
+from .forward import (
+    Forward,
+    buffers_kept,
+    captured_forward,
+    check_inputs,
+    normal_tensor,
+    outside_inference_mode,
+    unwrap,
+)
+from .inputs import KeywordModel, input_spatial, split_mapping, to_input_rank
+from .layers import LayerSpec, cached_default_layer, resolve_layers, target_key, target_scorer
 from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
 from .options import resolve_options
@@ -112,7 +121,8 @@ class Explainer:
         """Explain the batch ``x`` for ``target``.
 
         Args:
-            x: ``(N, C_in, *S_in)`` tensor, or a tuple of tensors whose first gives the map's size.
+            x: ``(N, C_in, *S_in)`` tensor, a tuple of tensors whose first gives the map's size,
+                or a mapping of the model's keyword arguments (see :mod:`camkit.inputs`).
             target: ``None`` (predicted class), an int, ``N`` ints, a callable
                 ``f(output) -> (N,)`` or a target object.
             **options: options overriding the explainer's for this call.
@@ -120,6 +130,12 @@ class Explainer:
         Returns:
             A :class:`CamResult`.
         """
+        # inside torch.inference_mode() (Lightning's test and predict loops) the call leaves it
+        # for its own duration, and copies inference tensors so that autograd can use them
+        with outside_inference_mode():
+            return self._explain(x, target, options)
+
+    def _explain(self, x: Any, target: Any, options: dict[str, Any]) -> CamResult:
         model = self.model
         if model is None:
             raise InputError("this Explainer was closed; create a new one to explain more inputs.")
@@ -134,13 +150,20 @@ class Explainer:
             else self.options
         )
         _check_differentiable(self.method, opts)
+        kwargs = {k: normal_tensor(v) for k, v in (opts["model_kwargs"] or {}).items()}
+        runner = model
+        if isinstance(x, Mapping):  # keyword inputs: the image and its rows' tensors by name
+            keys, values, rest = split_mapping(x, opts["image_key"])
+            x, runner = values, KeywordModel(model, keys)
+            kwargs = {**{k: normal_tensor(v) for k, v in rest.items()}, **kwargs}
         inputs = check_inputs(x)
-        kwargs = dict(opts["model_kwargs"] or {})
         call = Call(
-            model=model,
+            model=runner,
             inputs=inputs,
             kwargs=kwargs,
-            layers=self._layers(model, inputs, kwargs),
+            layers=self._layers(
+                model, runner, inputs, kwargs, target, opts["output"], opts["spatial_dims"]
+            ),
             method=self.method,
             target=target,
             options=opts,
@@ -150,7 +173,14 @@ class Explainer:
             return _run_augmented(call) if opts["aug_smooth"] else _run(call)
 
     def _layers(
-        self, model: nn.Module, inputs: tuple[Tensor, ...], kwargs: dict[str, Any]
+        self,
+        model: nn.Module,
+        runner: nn.Module,
+        inputs: tuple[Tensor, ...],
+        kwargs: dict[str, Any],
+        target: Any,
+        choice: Any,
+        spatial_dims: int | None,
     ) -> list[tuple[str, nn.Module]]:
         if self.layer is not None:
             return resolve_layers(model, self.layer)
@@ -170,14 +200,17 @@ class Explainer:
         key = (
             tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
             tuple(sorted(kwargs)),
+            target_key(target, choice),
+            spatial_dims,
         )
         with buffers_kept(model):
             name = cached_default_layer(
                 model,
                 key,
-                lambda: model(*inputs, **kwargs),
-                tuple(inputs[0].shape[2:]),
+                lambda: runner(*inputs, **kwargs),
+                input_spatial(inputs[0], spatial_dims),
                 int(inputs[0].shape[0]),
+                target_scorer(target, choice, int(inputs[0].shape[0])),
             )
         return resolve_layers(model, name)
 
@@ -194,7 +227,8 @@ def explain(
 
     Args:
         model: any ``nn.Module``.
-        x: ``(N, C_in, *S_in)`` tensor (1D, 2D or 3D spatial), or a tuple of tensors.
+        x: ``(N, C_in, *S_in)`` tensor (1D, 2D or 3D spatial), a tuple of tensors, or a
+            mapping of the model's keyword arguments with the image under ``image_key``.
         method: a registered method name or a :class:`camkit.Method` instance.
         layer: a dotted name, a module, a list of those, or ``None`` (the last spatial layer).
         target: ``None`` (predicted class), an int, ``N`` ints, a callable or a target object.
@@ -358,6 +392,8 @@ def _weights_per_layer(
             raw = raw.clamp_min(0)
         raws[name], weights[name], extras[name] = raw, w.detach(), ctx.extras
         m = raw
+        if opts["upsample"] is not None and len(spatial) != m.ndim - 1:
+            m = to_input_rank(name, m, spatial)
         if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
             if got.fwd.geometry is not None:
                 m = cam.through_resize(m, got.fwd.geometry, got.several, spatial, opts["upsample"])

@@ -31,6 +31,8 @@ __all__ = [
     "check_layer_output",
     "detector_transform",
     "missing_layers",
+    "normal_tensor",
+    "outside_inference_mode",
     "unwrap",
 ]
 
@@ -64,13 +66,26 @@ def check_inputs(x: Any) -> tuple[Tensor, ...]:
                 f"input {i} holds NaN or infinite values; expected finite numbers. Check the "
                 "preprocessing (division by a zero std, an unreadable image)."
             )
-    if torch.is_inference_mode_enabled():
-        raise InputError(
-            "camkit cannot compute maps inside torch.inference_mode(): it needs autograd from "
-            "the target layer on. Call it outside inference_mode (torch.no_grad() is fine)."
-        )
-    # inference tensors cannot enter autograd; a plain copy can
-    return tuple(t.clone() if t.is_inference() else t for t in inputs)
+    # inference tensors cannot enter autograd; a plain copy can (callers leave inference mode
+    # first: see outside_inference_mode)
+    return tuple(normal_tensor(t) for t in inputs)
+
+
+def normal_tensor(t: Any) -> Any:
+    """``t``, or a plain copy of it when it is an inference tensor (made under
+    ``torch.inference_mode()``), which autograd cannot save; call outside inference mode."""
+    return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
+
+
+@contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """Leave ``torch.inference_mode()`` for the block, if it is on (autograd is needed after the
+    layer); the caller's mode is back afterwards. Lightning's test and predict loops run in it."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False):
+        yield
 
 
 def unwrap(model: nn.Module) -> nn.Module:

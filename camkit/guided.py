@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import InputError, ModelError
 from .explain import explain
-from .forward import buffers_kept, check_inputs, unwrap
+from .forward import buffers_kept, check_inputs, outside_inference_mode, unwrap
 from .layers import LayerSpec
 from .method import Method
 from .targets import as_target, scored_output, select_output
@@ -126,15 +126,16 @@ def guided_backprop(
             "object, not its output or state_dict."
         )
     model = unwrap(model)
-    inputs = check_inputs(x)
-    first = inputs[0].detach().requires_grad_(True)
-    n = int(first.shape[0])
-    with buffers_kept(model), torch.enable_grad(), _GuidedMode():
-        raw = model(first, *inputs[1:], **(model_kwargs or {}))
-        tgt, _ = as_target(target, select_output(raw, output), n)
-        out = scored_output(raw, tgt, output)
-        scores = tgt.scores(out, torch.arange(n, device=first.device))
-    (grad,) = torch.autograd.grad(scores.sum(), first)
+    with outside_inference_mode():
+        inputs = check_inputs(x)
+        first = inputs[0].detach().requires_grad_(True)
+        n = int(first.shape[0])
+        with buffers_kept(model), torch.enable_grad(), _GuidedMode():
+            raw = model(first, *inputs[1:], **(model_kwargs or {}))
+            tgt, _ = as_target(target, select_output(raw, output), n)
+            out = scored_output(raw, tgt, output)
+            scores = tgt.scores(out, torch.arange(n, device=first.device))
+        (grad,) = torch.autograd.grad(scores.sum(), first)
     return grad
 
 

@@ -2,9 +2,19 @@
 
 A layer is given as a dotted name (``"layer4.1.conv2"``; integers index a module's children,
 negative too: ``"features.-1"``), a module of the model, a list of those, or ``None``. ``None``
-picks the last module, in the order modules finish, whose output has spatial extent > 1 and that
-runs once per forward; among modules returning that very tensor it takes the outermost one
-(``layer4`` for a torchvision ResNet).
+picks the last module, in the order modules finish, that
+
+- runs once per forward;
+- has an output with spatial extent > 1 in a layout camkit recognises (see
+  :mod:`camkit.layout`); a pooled output ``(N, C, 1)`` is not a row of one-channel tokens;
+- is one the target score depends on at more than one position: the search runs one forward
+  with autograd and takes the gradient of the score to every such output. A final norm whose
+  patch tokens feed only the class token, a pooler, the head a target does not read: their
+  gradient is zero at every position (or all but one), and they are passed over.
+
+Among modules returning that very tensor it takes the outermost one (``layer4`` for a
+torchvision ResNet). When no module qualifies, the error names the last ones and why each was
+passed over.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -21,16 +31,25 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LayerError, UnknownLayerError, did_you_mean
+from .inputs import KeywordModel, input_spatial, split_mapping
 from .layout import has_spatial_extent, infer_layout
+from .targets import ClassTarget, score_target, select_output
 
 __all__ = [
     "LayerInfo",
     "LayerSpec",
     "cached_default_layer",
+    "default_layer",
+    "fits_input",
     "has_spatial_extent",
     "layers",
+    "maps_onto_input",
     "module_names",
+    "probe",
+    "probe_dependence",
     "resolve_layers",
+    "target_key",
+    "target_scorer",
 ]
 
 _PROBING: ContextVar[object | None] = ContextVar("camkit_probing", default=None)
@@ -69,9 +88,25 @@ def maps_onto_input(t: Any, input_spatial: tuple[int, ...] | None, batch: int) -
     if layout is None:
         return False
     if layout.kind == "tokens":
-        return math.prod(layout.grid) > 1
+        # a pooled (N, C, 1) output is not C tokens of one channel
+        return math.prod(layout.grid) > 1 and t.shape[-1] > 1
     spatial = t.shape[2:] if layout.kind == "channels_first" else t.shape[1:-1]
     return math.prod(spatial) > 1
+
+
+def fits_input(t: Tensor, input_spatial: tuple[int, ...] | None, batch: int) -> bool:
+    """``t``'s spatial size is the input's divided by one stride (tokens, channels last and
+    1D always fit; see :func:`camkit.layout.infer_layout`)."""
+    if input_spatial is None or len(input_spatial) < 2 or t.ndim != len(input_spatial) + 2:
+        return True
+    layout = infer_layout(tuple(t.shape), input_spatial, batch)
+    if layout is None or layout.kind != "channels_first":
+        return True
+    stride = max(i / s for s, i in zip(t.shape[2:], input_spatial, strict=True))
+    return all(
+        math.floor(i / stride + 1e-9) <= s <= math.ceil(i / stride - 1e-9)
+        for s, i in zip(t.shape[2:], input_spatial, strict=True)
+    ) and all(s <= i for s, i in zip(t.shape[2:], input_spatial, strict=True))
 
 
 def module_names(model: nn.Module) -> dict[nn.Module, str]:
@@ -148,6 +183,12 @@ class _Seen:
     shape: tuple[int, ...] | None
     spatial: bool
     calls: int
+    #: positions (of one sample, at most) where the score's gradient is not zero; ``None``
+    #: when not measured
+    reached: int | None = None
+    #: the layout fits the input's size (a channels-first output whose spatial size is no
+    #: stride of the input's, attention heads (N, heads, T, d) say, does not)
+    exact: bool = True
 
 
 def probe(
@@ -193,17 +234,134 @@ def probe(
 
 
 def default_layer(records: list[_Seen]) -> tuple[str, nn.Module]:
-    """The layer ``None`` stands for, from :func:`probe` records (see module docstring)."""
+    """The layer ``None`` stands for, from :func:`probe` or :func:`probe_dependence` records
+    (see the module docstring)."""
     # walking back from the end, the first usable module is also the outermost one returning
     # that tensor: a parent finishes after the child whose output it returns
+    # a layer whose size fits the input's first; one that does not (valid convolutions on a
+    # non-square input) only when no layer fits
     for r in reversed(records):
-        if r.calls == 1 and r.spatial and r.name != "":
+        if r.name != "" and r.exact and _passed_over(r) is None:
             return r.name, r.module
+    passed: list[str] = []
+    for r in reversed(records):
+        if r.name == "":
+            continue
+        why = _passed_over(r)
+        if why is None:
+            return r.name, r.module
+        if why and len(passed) < 6:
+            passed.append(f"{r.name!r} {r.shape}: {why}")
+    detail = ("; ".join(passed) + ".") if passed else "no module returned a tensor."
     raise LayerError(
-        "found no layer to explain: no module that runs once per forward has an output of "
-        "shape (N, C, *S) with more than one spatial position. Pass layer=... explicitly "
-        "(camkit.layers(model, x) lists them) and, for token outputs, reshape=... ."
+        "found no layer to explain: no module runs once per forward, has an output (N, C, *S), "
+        "(N, *S, C) or transformer tokens with more than one spatial position, and reaches the "
+        f"target score at more than one position. The last modules passed over: {detail} "
+        "Pass layer=... explicitly (camkit.layers(model, x) lists them) and, for outputs of "
+        "another layout, reshape=... ."
     )
+
+
+def _passed_over(r: _Seen) -> str | None:
+    """Why ``r`` is not the default layer (``""``: not worth naming), or ``None``."""
+    if r.shape is None:
+        return ""
+    if r.calls != 1:
+        return f"runs {r.calls} times per forward" if r.spatial else ""
+    if not r.spatial:
+        if len(r.shape) == 3 and r.shape[-1] == 1 and r.shape[1] > 1:
+            return "a pooled output (N, C, 1), not tokens"
+        return ""
+    if r.reached is not None and r.reached < 2:
+        if r.reached == 0:
+            return "the target score does not depend on it (zero gradient at every position)"
+        return "the target score depends on one of its positions only"
+    return None
+
+
+def probe_dependence(
+    model: nn.Module,
+    run: Callable[[], Any],
+    score: Callable[[Any], Tensor],
+    input_spatial: tuple[int, ...] | None = None,
+    batch: int = 0,
+) -> list[_Seen]:
+    """:func:`probe` that also measures where the target score depends on each module.
+
+    One forward with autograd: every output that :func:`maps_onto_input` is kept (the hook
+    hands a copy on, so that later in-place operations leave it as it was; an output outside
+    any graph gets a zero that carries one), ``score(output)`` gives the scores ``(N,)`` and
+    one ``torch.autograd.grad`` their sum's gradient to each kept output, read in its layout as
+    ``(N, C, *S)``. The graph is freed before returning; parameters get no ``.grad``.
+
+    Returns:
+        As :func:`probe`, with ``reached``: for each kept output, the most positions of one
+        sample where the gradient is not zero. When the scores carry no gradient at all (the
+        model detaches its output), ``reached`` stays ``None``.
+    """
+    names = module_names(model)
+    seen: dict[nn.Module, list[Any]] = {}
+    kept: dict[nn.Module, Tensor] = {}
+    owner = object()
+    token = _PROBING.set(owner)
+
+    def hook(mod: nn.Module, args: Any, output: Any) -> Any:
+        if _PROBING.get() is not owner:
+            return None
+        rec = seen.pop(mod, [None, False, 0, True])
+        rec[0] = tuple(output.shape) if isinstance(output, Tensor) else None
+        rec[1] = maps_onto_input(output, input_spatial, batch)
+        rec[2] += 1
+        rec[3] = not rec[1] or fits_input(output, input_spatial, batch)
+        seen[mod] = rec
+        if not (rec[1] and rec[2] == 1 and output.is_floating_point()):
+            kept.pop(mod, None)
+            return None
+        if not output.requires_grad:
+            output = (
+                output + torch.zeros((), dtype=output.dtype, device=output.device).requires_grad_()
+            )
+        kept[mod] = output
+        return output.clone()
+
+    handles = []
+    reached: dict[nn.Module, int] = {}
+    try:
+        handles = [m.register_forward_hook(hook) for m in names]
+        with torch.enable_grad():
+            scores = score(run())
+            if isinstance(scores, Tensor) and scores.requires_grad and kept:
+                mods = list(kept)
+                total = scores.sum()
+                grads = torch.autograd.grad(total, [kept[m] for m in mods], allow_unused=True)
+                for mod, g in zip(mods, grads, strict=True):
+                    reached[mod] = 0 if g is None else _positions(g, input_spatial, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        _PROBING.reset(token)
+        kept.clear()
+    measured = bool(reached)
+    return [
+        _Seen(
+            names[m],
+            m,
+            shape,
+            spatial,
+            calls,
+            reached.get(m, 0) if measured and spatial and calls == 1 else None,
+            exact,
+        )
+        for m, (shape, spatial, calls, exact) in seen.items()
+    ]
+
+
+def _positions(g: Tensor, input_spatial: tuple[int, ...] | None, batch: int) -> int:
+    """The most positions of one sample where the gradient ``g`` (a layer's layout) is not 0."""
+    layout = infer_layout(tuple(g.shape), input_spatial, batch) if input_spatial else None
+    maps = layout.to_maps(g) if layout is not None else g  # (N, C, *S)
+    nonzero = maps.detach().abs().sum(1).flatten(1) != 0  # (N, P)
+    return int(nonzero.sum(1).max()) if nonzero.numel() else 0
 
 
 _DEFAULTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, str]] = weakref.WeakKeyDictionary()
@@ -216,20 +374,55 @@ def cached_default_layer(
     run: Callable[[], Any],
     input_spatial: tuple[int, ...] | None = None,
     batch: int = 0,
+    score: Callable[[Any], Tensor] | None = None,
 ) -> str:
     """The default layer's name for ``model`` on inputs described by ``key``, found once.
 
-    The search costs one no-grad forward; its result is remembered per model (weakly: the
-    cache does not keep the model alive) and input signature.
+    With ``score`` (the target's scores of the model output) the search is
+    :func:`probe_dependence`: one forward and one backward; without, :func:`probe`: one
+    no-grad forward. Its result is remembered per model (weakly: the cache does not keep the
+    model alive) and ``key`` (the input signature and what the target reads).
     """
     with _DEFAULTS_LOCK:
         name = _DEFAULTS.get(model, {}).get(key)
     if name is not None:
         return name
-    name = default_layer(probe(model, run, input_spatial, batch))[0]
+    if score is None:
+        records = probe(model, run, input_spatial, batch)
+    else:
+        records = probe_dependence(model, run, score, input_spatial, batch)
+    name = default_layer(records)[0]
     with _DEFAULTS_LOCK:
         _DEFAULTS.setdefault(model, {})[key] = name
     return name
+
+
+def target_scorer(target: Any, choice: Any, n: int) -> Callable[[Any], Tensor]:
+    """The scores ``(N,)`` (or ``(N, K)``) the search measures dependence on: ``target`` (as
+    ``explain`` takes it) on the part of the output the ``output`` option ``choice`` selects
+    (:func:`camkit.targets.score_target`, the explained call's own scoring step)."""
+
+    def score(output: Any) -> Tensor:
+        selected = select_output(output, choice)
+        device = selected.device if isinstance(selected, Tensor) else None
+        return score_target(output, target, choice, torch.arange(n, device=device), n)[3]
+
+    return score
+
+
+def target_key(target: Any, choice: Any) -> Any:
+    """What the search's result depends on in ``target`` and the ``output`` option: class
+    targets read the same outputs whatever the classes; a callable is known by its code."""
+
+    def key(obj: Any) -> Any:
+        if obj is None or isinstance(obj, (int, str)):
+            return obj if obj is None or isinstance(obj, str) else "int"
+        code = getattr(obj, "__code__", None)
+        return code if code is not None else type(obj)
+
+    if target is None or isinstance(target, (int, Sequence, Tensor, ClassTarget)):
+        return ("class", key(choice))
+    return (key(target), key(choice))
 
 
 def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
@@ -237,17 +430,22 @@ def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
 
     Args:
         model: the model.
-        x: an input batch (a tensor or a tuple of tensors).
+        x: an input batch (a tensor, a tuple of tensors, or a mapping of the model's keyword
+            arguments with the image under one of :data:`camkit.inputs.IMAGE_KEYS`).
         **model_kwargs: extra keyword arguments for the model.
 
     Returns:
         One :class:`LayerInfo` per module that ran; ``candidate`` marks usable layers.
     """
+    runner = model
+    if isinstance(x, Mapping):
+        keys, x, rest = split_mapping(x, None)
+        runner, model_kwargs = KeywordModel(model, keys), {**rest, **model_kwargs}
     inputs = x if isinstance(x, tuple) else (x,)
     first = inputs[0]
-    spatial = tuple(first.shape[2:]) if isinstance(first, Tensor) else None
+    spatial = input_spatial(first) if isinstance(first, Tensor) else None
     batch = int(first.shape[0]) if isinstance(first, Tensor) else 0
-    records = probe(model, lambda: model(*inputs, **model_kwargs), spatial, batch)
+    records = probe(model, lambda: runner(*inputs, **model_kwargs), spatial, batch)
     return [
         LayerInfo(
             name=r.name,

@@ -155,7 +155,9 @@ def infer_layout(
         found = _token_grid(tokens, (input_spatial[0], input_spatial[1]))
         if found is not None:
             return Layout("tokens", extra=found[0], grid=found[1], seq_first=seq_first)
-    if len(shape) >= 3 and rank == 0:
+    if (len(shape) >= 3 and rank == 0) or (len(shape) > 3 and rank == 1):
+        # no input axis to compare with, or a signal model's layer with more axes than the
+        # signal (N, C, L', 1): channels first, the map brought to the input's rank later
         return Layout("channels_first")
     return None
 

@@ -27,6 +27,8 @@ COMMON_OPTIONS: Mapping[str, Any] = {
     "output": None,
     "model_kwargs": None,
     "differentiable": False,
+    "image_key": None,
+    "spatial_dims": None,
 }
 
 #: Test-time augmentations ``aug_smooth`` can name; ``True`` means all of them.
@@ -79,6 +81,18 @@ def _check_common(opts: Mapping[str, Any]) -> None:
         raise OptionError(
             f"option 'model_kwargs' expects a mapping of keyword arguments for the model, "
             f"got {type(kwargs).__name__}."
+        )
+    dims = opts["spatial_dims"]
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+        raise OptionError(
+            "option 'spatial_dims' expects the number of trailing spatial axes of the input, "
+            f"an int >= 1, or None; got {dims!r}."
+        )
+    key = opts["image_key"]
+    if key is not None and not isinstance(key, str):
+        raise OptionError(
+            "option 'image_key' expects the key of the image in a mapping input x, a str; "
+            f"got {type(key).__name__}."
         )
     out = opts["output"]
     if out is not None and not isinstance(out, (int, str)) and not callable(out):

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .cam import fit_mask
 from .detection import BoxTarget, box_iou
 from .errors import OptionError, TargetError
 from .logits import FinerTarget, LogitsTarget, ReSTTarget
@@ -434,14 +435,17 @@ class SimilarityTarget:
 class SegmentationTarget:
     """A segmentation class's scores summed over a mask: ``sum_{ij in mask} out[m, c, i, j]``.
 
-    Args:
-        category: the class channel.
-        mask: ``(H, W)`` shared, ``(N, H, W)`` per sample, or ``None`` for every pixel. Take it
-            from the prediction (``out.argmax(1) == c``) to explain what the model segmented.
+    ``category``: the class channel. ``mask``: ``(H, W)`` shared, ``(N, H, W)`` per sample, or
+    ``None`` for every pixel; take it from the prediction (``out.argmax(1) == c``) to explain
+    what the model segmented. A mask at another size than the output's (the input's, for logits
+    at a stride: Segformer's at a quarter) is resized to the output's grid (area averaging,
+    :func:`camkit.cam.fit_mask`); ``resized`` then holds ``(mask size, output size)``, else
+    ``None``. Another aspect ratio is a :class:`TargetError` naming both sizes.
     """
 
     def __init__(self, category: int, mask: Tensor | None = None) -> None:
         self.category, self.mask = category, mask
+        self.resized: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         out = select_output(output, None)
@@ -452,13 +456,13 @@ class SegmentationTarget:
                 f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}."
             )
         if not 0 <= self.category < out.shape[1]:
-            raise TargetError(
-                f"category {self.category} is out of range for {out.shape[1]} classes."
-            )
+            raise TargetError(f"category {self.category} is out of range: {out.shape[1]} classes.")
         plane = out[:, self.category]
         if self.mask is None:
             return plane.flatten(1).sum(1)
-        mask = self.mask.to(plane.device, plane.dtype)
+        mask = fit_mask(self.mask.to(plane.device), plane.shape[1:]).to(plane.dtype)
+        got, want = tuple(self.mask.shape[-(plane.ndim - 1) :]), tuple(plane.shape[1:])
+        self.resized = None if got == want else (got, want)
         if mask.ndim == plane.ndim:  # per sample
             mask = mask[index.to(plane.device)]
         return (plane * mask).flatten(1).sum(1)

@@ -31,11 +31,6 @@ def x() -> torch.Tensor:
     return torch.randn(2, 3, 8, 8)
 
 
-def _inference_mode(model: nn.Module) -> Any:
-    with torch.inference_mode():
-        return camkit.explain(model, x())
-
-
 CASES: list[tuple[str, type[Exception], str, Callable[[nn.Module], Any]]] = [
     (
         "unknown method",
@@ -116,7 +111,6 @@ CASES: list[tuple[str, type[Exception], str, Callable[[nn.Module], Any]]] = [
         "NaN or infinite",
         lambda m: camkit.explain(m, x().index_fill_(2, torch.tensor([0]), float("inf"))),
     ),
-    ("inference mode", camkit.InputError, "inference_mode", _inference_mode),
     (
         "score independent of layer",
         camkit.LayerError,

@@ -24,6 +24,8 @@ def test_defaults_are_the_documented_table() -> None:
         "output": None,
         "model_kwargs": None,
         "differentiable": False,
+        "image_key": None,
+        "spatial_dims": None,
     }
     opts = resolve_options("m", {"extra": 3}, {"seed": 5})
     assert opts["extra"] == 3 and opts["seed"] == 5 and opts["relu"] is True

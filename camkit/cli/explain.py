@@ -19,13 +19,13 @@ from tqdm import tqdm
 from ..errors import CamkitError, UsageError
 from ..explain import Explainer
 from ..result import CamResult
-from ..targets import select_output
+from ..targets import BoxTarget, SegmentationTarget, select_output
 from ..viz import COLORMAPS, overlay
 from .images import check_image, read_image, write_image
 from .models import load_model
 from .output import staged_output
 from .preprocess import DEFAULT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from .values import method_named, read_labels, resolve_device
+from .values import TargetForm, method_named, read_labels, resolve_device
 
 __all__ = ["check_look", "explain_command"]
 
@@ -125,8 +125,11 @@ def _class_text(entry: dict[str, Any] | None) -> str:
 def explain_command(args: argparse.Namespace) -> int:
     """``camkit explain``: an overlay (.png) and a map (.npy) per image, in batches, then a
     summary (text or ``--json``); every check that needs no model runs first."""
-    images = [Path(p) for p in args.images]
-    targets = _targets(args.target, len(images))
+    images = [Path(p) for p in [*args.images, *args.image_paths]]
+    if not images:
+        raise UsageError("explain expects at least one image: as an argument or --image-path.")
+    form = args.target if isinstance(args.target, TargetForm) else None
+    targets = None if form is not None else _targets(args.target, len(images))
     check_look(args.alpha, args.colormap)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -136,6 +139,9 @@ def explain_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     options = dict(args.option)
     options.setdefault("progress", args.progress)
+    for flag in ("aug_smooth", "eigen_smooth"):
+        if getattr(args, flag):
+            options[flag] = True
     loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes)
     if loaded.random_init:
         print(
@@ -172,6 +178,8 @@ def explain_command(args: argparse.Namespace) -> int:
                 )
                 shown, xs = zip(*(prep(read_image(p)) for p in batch), strict=True)
                 x = torch.stack(xs).to(device)
+                if form is not None:
+                    batch_targets = _form_target(form, model, x)
                 res, output = _run(explainer, model, x, batch_targets)
                 layer = res.layer
                 logits = _logits(output, explainer.options["output"], len(batch))
@@ -205,6 +213,27 @@ def explain_command(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, prep)
     return 0
+
+
+def _form_target(form: TargetForm, model: nn.Module, x: Tensor) -> Any:
+    """The target of a ``--target`` form for the batch ``x``: a :class:`BoxTarget`, or a
+    :class:`SegmentationTarget` over the class's mask predicted on ``x``."""
+    if form.kind == "box":
+        if form.box is None:
+            return BoxTarget(index=form.index, labels=None)
+        labels = None if form.label is None else [form.label]
+        return BoxTarget(torch.tensor([form.box]), labels=labels)
+    assert form.category is not None
+    with torch.no_grad():
+        logits = select_output(model(x), None)
+    if not isinstance(logits, Tensor) or logits.ndim < 3:
+        raise UsageError(
+            f"--target mask:{form.category} expects a segmentation model, whose output holds "
+            "per-pixel scores (N, K, H, W); this model's does not."
+        )
+    if not 0 <= form.category < logits.shape[1]:
+        raise UsageError(f"--target mask:{form.category}: the model has {logits.shape[1]} classes.")
+    return SegmentationTarget(form.category, (logits.argmax(1) == form.category).float())
 
 
 def _run(explainer: Explainer, model: nn.Module, x: Tensor, target: Any) -> tuple[CamResult, Any]:

@@ -56,7 +56,9 @@ def load_model(
 
     Args:
         spec: ``torchvision:NAME`` (an image classification model of ``torchvision.models``),
-            ``timm:NAME`` (needs timm) or ``module.path:factory`` (``path/to/file.py:factory``
+            ``timm:NAME`` (needs timm), ``hf:PATH`` (a Hugging Face model saved in a local
+            folder with ``save_pretrained``, and its image processor when saved; needs
+            transformers) or ``module.path:factory`` (``path/to/file.py:factory``
             works too): the module is imported with the current directory on ``sys.path`` and
             the factory (a function or class, dotted attributes allowed) is called with no
             arguments.
@@ -75,13 +77,15 @@ def load_model(
     kind, sep, rest = spec.partition(":")
     if not sep or not kind or not rest:
         raise ModelSpecError(
-            f"model spec {spec!r} is not one of torchvision:NAME, timm:NAME or "
+            f"model spec {spec!r} is not one of torchvision:NAME, timm:NAME, hf:PATH or "
             "module.path:factory (for example torchvision:resnet50 or mypkg.models:build)."
         )
     if kind == "torchvision":
         loaded = _torchvision(spec, rest, weights, num_classes)
     elif kind == "timm":
         loaded = _timm(spec, rest, weights, num_classes)
+    elif kind == "hf":
+        loaded = _hf(spec, rest, weights, num_classes)
     else:
         if num_classes is not None:
             raise ModelSpecError(
@@ -193,6 +197,76 @@ def _timm(spec: str, name: str, weights: str | None, num_classes: int | None) ->
         categories=categories,
         preprocess=preprocess_from_timm(config, name) if config else None,
         random_init=weights is None,
+    )
+
+
+#: transformers auto classes by the end of the saved architecture's name, tried in order
+_HF_AUTO = (
+    ("ForImageClassification", "AutoModelForImageClassification"),
+    ("ForImageClassificationWithTeacher", "AutoModelForImageClassification"),
+    ("ForObjectDetection", "AutoModelForObjectDetection"),
+    ("ForSemanticSegmentation", "AutoModelForSemanticSegmentation"),
+)
+
+
+def _hf(spec: str, path: str, weights: str | None, num_classes: int | None) -> LoadedModel:
+    """A transformers model from a local folder (``save_pretrained``), nothing downloaded."""
+    transformers = require("transformers", "transformers", f"model spec {spec!r}")
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ModelSpecError(
+            f"model spec {spec!r}: {folder} is not a folder holding a saved Hugging Face model "
+            "(no config.json); save one with model.save_pretrained(folder)."
+        )
+    if weights is not None or num_classes is not None:
+        raise ModelSpecError(
+            f"--weights and --num-classes do not apply to {spec!r}: the folder holds the "
+            "model's weights and configuration."
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        arch = (getattr(config, "architectures", None) or [""])[0]
+        auto = next((a for end, a in _HF_AUTO if arch.endswith(end)), "AutoModel")
+        model = getattr(transformers, auto).from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"transformers could not load {folder}: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
+    labels = getattr(config, "id2label", None) or {}
+    names = [str(labels[i]) for i in sorted(labels)] if labels else None
+    if names and all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        names = None  # transformers' placeholder names
+    return LoadedModel(
+        model,
+        spec,
+        weights=f"saved in {folder}",
+        categories=names,
+        preprocess=_hf_preprocess(transformers, folder),
+    )
+
+
+def _hf_preprocess(transformers: ModuleType, folder: Path) -> Preprocess | None:
+    """The saved image processor's resize and normalisation, when one was saved."""
+    if not (folder / "preprocessor_config.json").is_file():
+        return None
+    try:
+        proc = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception:  # an unusual processor: the defaults apply, and the summary says so
+        return None
+    size = getattr(proc, "size", None) or {}
+    if "height" in size and "width" in size:
+        hw = (int(size["height"]), int(size["width"]))
+    elif "shortest_edge" in size:
+        hw = (int(size["shortest_edge"]),) * 2
+    else:
+        return None
+    mean = getattr(proc, "image_mean", None) if getattr(proc, "do_normalize", True) else None
+    std = getattr(proc, "image_std", None) if getattr(proc, "do_normalize", True) else None
+    return Preprocess(
+        size=hw,
+        mean=tuple(float(v) for v in (mean or (0.0, 0.0, 0.0))),
+        std=tuple(float(v) for v in (std or (1.0, 1.0, 1.0))),
+        source=f"image processor saved in {folder}",
     )
 
 

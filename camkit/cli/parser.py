@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import CamkitError, UsageError
 from .commands import demo_command, methods_command, plugins_command
 from .explain import explain_command
-from .values import class_indices, floats, key_value, positive_int, size, stds
+from .values import floats, key_value, positive_int, size, stds, target_form
 
 __all__ = [
     "build_parser",
@@ -50,12 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain images with a model and a CAM method; write an overlay (.png) "
         "and the map (.npy, float32 in [0, 1] at the model's input size) per image.",
     )
-    ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    ex.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
+    ex.add_argument(
+        "--image-path",
+        dest="image_paths",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="an image file (repeatable), as well as or instead of the positional ones",
+    )
     ex.add_argument(
         "--model",
         required=True,
         metavar="SPEC",
-        help="torchvision:NAME, timm:NAME or module.path:factory",
+        help="torchvision:NAME, timm:NAME, hf:PATH (a Hugging Face model saved in a local "
+        "folder, with its image processor) or module.path:factory",
     )
     ex.add_argument(
         "--weights",
@@ -67,12 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--layer", help="target layer(s), dotted names, comma-separated")
     ex.add_argument(
         "--target",
-        type=class_indices,
+        type=target_form,
         metavar="T",
         help="class to explain: one for all images, or one per image (comma-separated); "
+        "for detectors box:INDEX[@LABEL] or box:X1,Y1,X2,Y2[@LABEL] (one predicted box, by "
+        "index or best IoU), for segmentation mask:C (class C over its predicted mask); "
         "default: the predicted class",
     )
-    ex.add_argument("--out", default="camkit-out", help="output folder (default: ./camkit-out)")
+    ex.add_argument(
+        "--out",
+        "--output-dir",
+        dest="out",
+        default="camkit-out",
+        help="output folder (default: ./camkit-out)",
+    )
+    ex.add_argument(
+        "--aug-smooth", action="store_true", help="test-time augmentation (option aug_smooth)"
+    )
+    ex.add_argument(
+        "--eigen-smooth",
+        action="store_true",
+        help="first principal component in place of the channel sum (option eigen_smooth)",
+    )
     ex.add_argument(
         "--size",
         type=size,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ..method import Method
 from ..registry import default_registry
 
 __all__ = [
+    "TargetForm",
     "class_indices",
     "floats",
     "key_value",
@@ -27,6 +29,7 @@ __all__ = [
     "resolve_device",
     "size",
     "stds",
+    "target_form",
 ]
 
 
@@ -75,6 +78,50 @@ def class_indices(text: str) -> list[int]:
             f"expected a class index or comma-separated indices; got {text!r}"
         )
     return values
+
+
+@dataclass(frozen=True)
+class TargetForm:
+    """A ``--target`` for a detection or segmentation model.
+
+    Attributes:
+        kind: ``"box"`` (one predicted box: by ``index``, or the best match of ``box``) or
+            ``"mask"`` (segmentation class ``category`` summed over its predicted mask).
+        index: the prediction's index (``box:INDEX``).
+        box: ``(x1, y1, x2, y2)`` in the output's coordinates (``box:X1,Y1,X2,Y2``).
+        label: the box's class (``...@LABEL``), or ``None``: its best class.
+        category: the segmentation class (``mask:C``).
+    """
+
+    kind: str
+    index: int | None = None
+    box: tuple[float, float, float, float] | None = None
+    label: int | None = None
+    category: int | None = None
+
+
+def target_form(text: str) -> list[int] | TargetForm:
+    """``--target``: class indices (:func:`class_indices`), ``box:INDEX[@LABEL]``,
+    ``box:X1,Y1,X2,Y2[@LABEL]`` or ``mask:C``."""
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        return class_indices(text)
+    body, at, label_text = rest.partition("@")
+    try:
+        label = int(label_text) if at else None
+        values = [float(v) for v in body.split(",")]
+    except ValueError:
+        values, label = [], None
+    if kind == "box" and len(values) == 1 and values[0].is_integer():
+        return TargetForm("box", index=int(values[0]), label=label)
+    if kind == "box" and len(values) == 4:
+        return TargetForm("box", box=(values[0], values[1], values[2], values[3]), label=label)
+    if kind == "mask" and len(values) == 1 and values[0].is_integer() and not at:
+        return TargetForm("mask", category=int(values[0]))
+    raise argparse.ArgumentTypeError(
+        f"expected class indices, box:INDEX[@LABEL], box:X1,Y1,X2,Y2[@LABEL] or mask:C; "
+        f"got {text!r}"
+    )
 
 
 def positive_int(text: str) -> int:

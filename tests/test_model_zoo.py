@@ -1,0 +1,93 @@
+"""timm and Hugging Face transformers models of each family, random configurations, layer=None.
+
+Each case of ``scripts/sweep_models.py`` (a small random-config model per family, built
+offline) is explained with Grad-CAM and the layer the adapters choose; the case checks the layer
+against the documented one, the maps (input size, finite, within [0, 1], not all zero) and that
+the score depends on at least 90 % of the layer's positions, by gradient and by zeroing each
+position through ``ctx.run_suffix``. The table of the last run is in docs/models.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import camkit
+from camkit.registry import Registry
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_models.py"
+
+
+def _load_sweep() -> Any:
+    spec = importlib.util.spec_from_file_location("sweep_models", _SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep()
+
+
+@pytest.mark.parametrize(
+    "key", [pytest.param(c.key, marks=[pytest.mark.slow] if c.slow else []) for c in sweep.CASES]
+)
+def test_family_is_explained_at_the_documented_layer(key: str) -> None:
+    case = sweep.BY_KEY[key]
+    pytest.importorskip(case.library)
+    row = sweep.run_case(case)
+    assert row.result == "ok", row
+    assert row.gradient >= 0.9 and row.ablation >= 0.9
+
+
+@pytest.mark.parametrize(
+    "key,final_norm",
+    [("timm-vit", "norm"), ("timm-deit-distilled", "norm"), ("hf-vit", "vit.layernorm")],
+)
+def test_the_final_norm_of_class_token_models_gives_zero_maps(key: str, final_norm: str) -> None:
+    # why the adapters (and the search) pass over the final norm: its patch tokens do not reach
+    # the class score, and Grad-CAM there is all zero
+    case = sweep.BY_KEY[key]
+    pytest.importorskip(case.library)
+    model = sweep.build(case)
+    x = sweep.batch(case)
+    assert not bool(camkit.explain(model, x, layer=final_norm).maps.any())
+    gradient, ablation = sweep.influence(model, case, x, final_norm)
+    assert gradient == 0.0 and ablation == 0.0
+
+
+@pytest.mark.parametrize("key", ["timm-vit", "hf-vit", "hf-swin"])
+def test_the_search_without_adapters_never_picks_a_dead_or_pooled_layer(key: str) -> None:
+    # with every adapter out of the way, camkit's own search still avoids the final norm
+    # (timm, HF ViT) and Swin's pooler, whose (N, C, 1) output is no token grid
+    case = sweep.BY_KEY[key]
+    pytest.importorskip(case.library)
+    model = sweep.build(case)
+    x = sweep.batch(case)
+    registry = Registry(load_entrypoints=False)  # no adapters
+    with camkit.Explainer(model, method=camkit.registry.default_registry().get("gradcam"),
+                          registry=registry) as ex:  # fmt: skip
+        assert registry.default_layers(model) is None
+        res = ex(x)
+    assert res.layer not in ("norm", "vit.layernorm", "swin.pooler")
+    gradient, ablation = sweep.influence(model, case, x, str(res.layer))
+    assert gradient >= 0.9 and ablation >= 0.9
+    assert bool(res.maps.any()) and torch.isfinite(res.maps).all()
+
+
+def test_adapters_do_not_import_timm_or_transformers() -> None:
+    import subprocess
+
+    code = (
+        "import sys, camkit, torch; from camkit.toy import TinyCNN; camkit.list_methods(); "
+        "camkit.explain(TinyCNN(), torch.randn(1, 3, 8, 8)); "
+        "print('timm' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
