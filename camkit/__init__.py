@@ -20,14 +20,17 @@ from .errors import (
     TargetError,
     UnknownLayerError,
     UnknownMethodError,
+    UnknownMetricError,
 )
+from .evaluate import evaluate
 from .explain import Explainer, explain
 from .guided import guided_backprop, guided_gradcam
 from .hookspecs import hookimpl
 from .layers import LayerInfo, layers
 from .method import Context, Method
+from .metric import Metric, MetricContext, MetricResult
 from .options import COMMON_OPTIONS
-from .registry import Registry, default_registry, list_methods
+from .registry import Registry, default_registry, list_methods, list_metrics
 from .result import CamResult
 from .targets import ClassTarget, Target
 from .viz import grid, overlay, save_image
@@ -49,6 +52,9 @@ __all__ = [
     "LayerError",
     "LayerInfo",
     "Method",
+    "Metric",
+    "MetricContext",
+    "MetricResult",
     "ModelError",
     "OptionError",
     "PluginError",
@@ -58,8 +64,10 @@ __all__ = [
     "TargetError",
     "UnknownLayerError",
     "UnknownMethodError",
+    "UnknownMetricError",
     "__version__",
     "default_registry",
+    "evaluate",
     "explain",
     "grid",
     "guided_backprop",
@@ -67,6 +75,7 @@ __all__ = [
     "hookimpl",
     "layers",
     "list_methods",
+    "list_metrics",
     "overlay",
     "plugin",
     "save_image",
