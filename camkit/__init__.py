@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import plugin
+from .compare import compare
+from .comparison import Comparison
 from .errors import (
     CamkitError,
     CamkitWarning,
@@ -46,6 +48,7 @@ __all__ = [
     "CamkitError",
     "CamkitWarning",
     "ClassTarget",
+    "Comparison",
     "Context",
     "Explainer",
     "InputError",
@@ -66,6 +69,7 @@ __all__ = [
     "UnknownMethodError",
     "UnknownMetricError",
     "__version__",
+    "compare",
     "default_registry",
     "evaluate",
     "explain",

@@ -176,6 +176,12 @@ def evaluate(
             "camkit.metric.masks_from_boxes); pass masks=..."
         )
     region = None if masks is None else _check_masks(masks, maps)
+    if "other-objects" in m.needs and (region is None or region.shape[1] < 2):
+        raise InputError(
+            f"metric {m.name!r} expects masks (N, K, *S) with K >= 2: region 0 the explained "
+            "object, regions 1 and up the objects of other classes; got "
+            f"{None if region is None else tuple(region.shape)}."
+        )
     how = method if "method" in m.needs else "gradcam"
     if how is None:
         raise InputError(

@@ -35,9 +35,10 @@ METRIC_OPTIONS: Mapping[str, Any] = {
     "progress": None,
 }
 
-#: What a metric can declare in ``Metric.needs``: ground-truth ``"masks"`` (or boxes), or the
+#: What a metric can declare in ``Metric.needs``: ground-truth ``"masks"`` (or boxes),
+#: ``"other-objects"`` (masks of other objects besides the explained one: ``K >= 2``), or the
 #: ``"method"`` that made the maps (metrics that explain again: sanity checks).
-NEEDS = ("masks", "method")
+NEEDS = ("masks", "other-objects", "method")
 
 
 @dataclass

@@ -50,7 +50,7 @@ def _on(masks: Tensor, peak: Tensor) -> Tensor:
 
 
 class _Tolerant(plugin.Metric):
-    needs = ("masks",)
+    needs: tuple[str, ...] = ("masks",)
     cost = "no forward"
 
     def check_options(self, options: Mapping[str, Any]) -> None:
@@ -103,16 +103,11 @@ class ClassDiscrimination(_Tolerant):
     name = "class-discrimination"
     citation = "camkit: the explained object against the others, on two-object inputs"
     higher_is_better = True
+    needs = ("masks", "other-objects")
     options = {"tolerance": 0}
 
     def compute(self, ctx: plugin.MetricContext) -> Tensor:
-        assert ctx.masks is not None
-        if ctx.masks.shape[1] < 2:
-            raise camkit.InputError(
-                "class-discrimination expects masks (N, K, *S) with K >= 2: region 0 the "
-                "explained object, regions 1 and up the objects of other classes; got "
-                f"{tuple(ctx.masks.shape)}."
-            )
+        assert ctx.masks is not None  # K >= 2, checked by evaluate
         masks = grown(ctx.masks, ctx.options["tolerance"])
         peak = plugin.peaks(ctx.maps)
         own = _on(masks[:, 0], peak)
