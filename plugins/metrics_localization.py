@@ -50,7 +50,6 @@ def _on(masks: Tensor, peak: Tensor) -> Tensor:
 
 
 class _Tolerant(plugin.Metric):
-    needs: tuple[str, ...] = ("masks",)
     cost = "no forward"
 
     def check_options(self, options: Mapping[str, Any]) -> None:
@@ -65,6 +64,7 @@ class PointingGame(_Tolerant):
     name = "pointing-game"
     citation = "Zhang et al. 2018, Top-down neural attention by excitation backprop (IJCV)"
     higher_is_better = True
+    needs = ("masks",)
     options = {"tolerance": 15}
 
     def compute(self, ctx: plugin.MetricContext) -> Tensor:

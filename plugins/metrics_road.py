@@ -6,7 +6,9 @@ of the map are removed and filled by **noisy linear imputation**: every removed 
 weighted mean of its 8 neighbours inside the image (weights 1/6 for the 4 direct neighbours,
 1/12 for the diagonals), removed neighbours included, which is one sparse linear system per
 image and channel; Gaussian noise of standard deviation ``noise`` is then added to the filled
-pixels. The filled image carries no information about where the pixels were removed, which is
+pixels (one noise image per order and percentile, drawn from the call's seed and shared by
+the samples, so that a sample's value does not depend on the batch it is in). The filled image
+carries no information about where the pixels were removed, which is
 what makes the test fair.
 
 The reference code solves the system with one direct sparse solve per image and percentile on
@@ -181,6 +183,10 @@ class _Road(plugin.Metric):
         )
         k = len(counts)
         morf = torch.tensor([o == "morf" for o in self.orders], device=x.device)
+        # one noise image per order and percentile, the same for every sample: a sample's value
+        # does not depend on the batch it is in
+        shape = (len(self.orders) * k, *x.shape[1:])
+        noise = torch.randn(shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
         jobs = [(o, s) for o in self.orders for s in range(n)]  # rows: order, sample, percentile
         rows = len(jobs) * k
         size, out = ctx.options["batch_size"], []
@@ -196,10 +202,8 @@ class _Road(plugin.Metric):
                 filled = impute(
                     x[sample], removed, ctx.options["tolerance"], ctx.options["max_iter"]
                 )
-                noise = torch.randn(
-                    filled.shape, generator=ctx.generator, device=x.device, dtype=filled.dtype
-                )
-                filled = torch.where(removed, filled + ctx.options["noise"] * noise, filled)
+                slot = (job // n) * k + pct  # the row's order and percentile
+                filled = torch.where(removed, filled + ctx.options["noise"] * noise[slot], filled)
                 inputs = (filled, *(t[sample] for t in ctx.inputs[1:]))
                 out.append(ctx.score(inputs, sample))
                 bar.update(len(row))

@@ -94,8 +94,9 @@ class ModelRandomization(plugin.Metric):
 
 class MaxSensitivity(plugin.Metric):
     """``max_k ||map(x + d_k) - map(x)|| / ||map(x)||`` over ``n_samples`` perturbations ``d_k``
-    drawn uniformly from ``[-radius, radius]`` per input element (Frobenius norms, the target
-    kept). Lower is better. ``NaN`` for an all-zero map."""
+    drawn uniformly from ``[-radius, radius]`` per input element, each draw shared by the
+    samples of the call so that a sample's value does not depend on its batch (Frobenius norms,
+    the target kept). Lower is better. ``NaN`` for an all-zero map."""
 
     name = "max-sensitivity"
     citation = "Yeh et al. 2019, On the (In)fidelity and Sensitivity of Explanations (NeurIPS)"
@@ -115,7 +116,9 @@ class MaxSensitivity(plugin.Metric):
         worst = torch.zeros_like(norm)
         radius = ctx.options["radius"]
         for _ in range(ctx.options["n_samples"]):
-            d = torch.rand(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
+            # one perturbation per draw, shared by the samples (batch-independent values)
+            shape = (1, *x.shape[1:])
+            d = torch.rand(shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
             noisy = (x + (2 * d - 1) * radius, *ctx.inputs[1:])
             change = (ctx.explain(ctx.model, noisy) - ctx.maps).flatten(1).norm(dim=1)
             worst = torch.maximum(worst, change)
