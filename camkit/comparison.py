@@ -145,16 +145,11 @@ class Comparison:
             f"{self.n_bootstrap} resamples, seed {self.seed}]; ↑ higher is better, ↓ lower is "
             "better.",
         ]
-        counts = [
-            f"{m} {r[f'{m} n']}"
-            for r in self.rows[:1]
-            for m in self.metrics
-            if r[f"{m} n"] != self.images
-        ]
-        if counts:
-            lines.append(
-                f"Samples where a metric is defined (of {self.images}): " + ", ".join(counts) + "."
-            )
+        rows = self.rows
+        for m in self.metrics:
+            if any(r[f"{m} n"] != self.images for r in rows):
+                counts = ", ".join(f"{r['method']} {r[f'{m} n']}" for r in rows)
+                lines.append(f"Samples where {m} is defined (of {self.images}): {counts}.")
         for metric, reason in self.skipped.items():
             lines.append(f"Skipped {metric}: {reason}.")
         return "\n".join(lines) + "\n"
