@@ -129,8 +129,9 @@ class MetricResult:
     higher_is_better: bool
 
     def mean(self) -> float:
-        """The mean over the samples where the value is defined (``NaN`` if none is)."""
-        return float(self.values.nanmean())
+        """The mean over the samples where the value is defined (``NaN`` if none is), summed in
+        float64."""
+        return float(self.values.double().nanmean())
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
