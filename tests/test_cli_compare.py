@@ -122,11 +122,12 @@ def test_compare_image_files_with_a_model_spec(
     name = f"tinycmp_{abs(hash(str(tmp_path))) % 10**8}"
     (tmp_path / f"{name}.py").write_text(TINY)
     monkeypatch.chdir(tmp_path)
-    images = []
+    (tmp_path / "more").mkdir()
     for i in range(3):
         img = np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)
-        cv2.imwrite(str(tmp_path / f"{i}.png"), img)
-        images.append(f"{i}.png")
+        cv2.imwrite(str(tmp_path / ("0.png" if i == 0 else f"more/{i}.png")), img)
+    (tmp_path / "more" / "notes.txt").write_text("not an image")
+    images = ["0.png", "more"]  # a file and a folder of two images
     try:
         code, stdout, err = _run(
             capsys, "compare", *images, "--model", f"{name}:build", "--size", "16",

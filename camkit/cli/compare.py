@@ -55,6 +55,8 @@ IMAGE_METRICS = ("deletion", "insertion", "average-drop")
 #: Two-object demo scenes, each explained for both of its classes.
 DEMO_SCENES = 40
 PARTIAL = ".camkit-compare-partial.pt"
+#: Files a folder argument stands for.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def add_compare_parser(sub: Any) -> None:
@@ -67,7 +69,9 @@ def add_compare_parser(sub: Any) -> None:
         "means with 95%% bootstrap intervals, time per image, memory) and figure.png. An "
         "interrupted run resumes when started again; under torchrun each process takes a shard.",
     )
-    co.add_argument("images", nargs="*", metavar="IMAGE", help="image files (not with --demo)")
+    co.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="image files or folders (not with --demo)"
+    )
     co.add_argument("--demo", action="store_true", help="the demo's model and scenes, offline")
     co.add_argument("--model", metavar="SPEC", help="torchvision:NAME, timm:NAME or module:fn")
     co.add_argument("--weights", metavar="W", help="weights name or checkpoint file")
@@ -144,7 +148,14 @@ def _image_data(args: argparse.Namespace) -> tuple[nn.Module, Any, str | None]:
         raise UsageError("compare expects image files, or --demo for the demo's scenes.")
     if not args.model:
         raise UsageError("compare expects --model SPEC with image files (or --demo).")
-    paths = [Path(p) for p in args.images]
+    paths: list[Path] = []
+    for given in map(Path, args.images):  # a folder stands for its image files, sorted
+        if given.is_dir():
+            paths += [f for f in sorted(given.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            paths.append(given)
+    if not paths:
+        raise UsageError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {args.images}.")
     for p in paths:
         check_image(p)
     labels = args.target
