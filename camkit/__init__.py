@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import plugin
+from .compare import compare
+from .comparison import Comparison
 from .errors import (
     CamkitError,
     CamkitWarning,
@@ -20,14 +22,17 @@ from .errors import (
     TargetError,
     UnknownLayerError,
     UnknownMethodError,
+    UnknownMetricError,
 )
+from .evaluate import evaluate
 from .explain import Explainer, explain
 from .guided import guided_backprop, guided_gradcam
 from .hookspecs import hookimpl
 from .layers import LayerInfo, layers
 from .method import Context, Method
+from .metric import Metric, MetricContext, MetricResult
 from .options import COMMON_OPTIONS
-from .registry import Registry, default_registry, list_methods
+from .registry import Registry, default_registry, list_methods, list_metrics
 from .result import CamResult
 from .targets import ClassTarget, Target
 from .viz import grid, overlay, save_image
@@ -43,12 +48,16 @@ __all__ = [
     "CamkitError",
     "CamkitWarning",
     "ClassTarget",
+    "Comparison",
     "Context",
     "Explainer",
     "InputError",
     "LayerError",
     "LayerInfo",
     "Method",
+    "Metric",
+    "MetricContext",
+    "MetricResult",
     "ModelError",
     "OptionError",
     "PluginError",
@@ -58,8 +67,11 @@ __all__ = [
     "TargetError",
     "UnknownLayerError",
     "UnknownMethodError",
+    "UnknownMetricError",
     "__version__",
+    "compare",
     "default_registry",
+    "evaluate",
     "explain",
     "grid",
     "guided_backprop",
@@ -67,6 +79,7 @@ __all__ = [
     "hookimpl",
     "layers",
     "list_methods",
+    "list_metrics",
     "overlay",
     "plugin",
     "save_image",

@@ -26,6 +26,7 @@ __all__ = [
     "TargetError",
     "UnknownLayerError",
     "UnknownMethodError",
+    "UnknownMetricError",
     "UsageError",
 ]
 
@@ -71,6 +72,13 @@ class PluginError(CamkitError):
 
 class UnknownMethodError(CamkitError, KeyError):
     """A method name that no loaded plugin registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownMetricError(CamkitError, KeyError):
+    """A metric name that no loaded plugin registered."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .method import Method
+    from .metric import Metric
 
-__all__ = ["default_layers", "hookimpl", "hookspec", "register_methods"]
+__all__ = ["default_layers", "hookimpl", "hookspec", "register_methods", "register_metrics"]
 
 hookspec = pluggy.HookspecMarker("camkit")
 #: Marks a plugin's implementation of a camkit hook.
@@ -32,6 +33,20 @@ def register_methods(register: Callable[[Method], None]) -> None:
     as it is made: the type, the name's syntax (lowercase words joined by hyphens) and that
     neither the name nor an alias is taken; a failure raises :class:`camkit.PluginError`
     naming the plugin.
+
+    The return value is ignored.
+    """
+
+
+@hookspec
+def register_metrics(register: Callable[[Metric], None]) -> None:
+    """Register the explanation-quality metrics a plugin provides.
+
+    Called once for each plugin, when the registry loads it, after ``register_methods``. Call
+    ``register(metric)`` with an instance of a :class:`camkit.Metric` subclass for each metric.
+    Each registration is checked as it is made (the type, the name's syntax, that the name is
+    free, ``higher_is_better``, ``needs`` and ``options``); a failure raises
+    :class:`camkit.PluginError` naming the plugin.
 
     The return value is ignored.
     """

@@ -25,7 +25,10 @@ What is here:
 - the targets a method may construct (:class:`ClassTarget`, :class:`Target`, ...), and
   :class:`LogitsTarget`, the base of targets that score the logits; a method that needs one
   class per sample asks the call's target for it with ``class_indices(n)`` (``None``: the
-  target scores no single class).
+  target scores no single class);
+- for metrics: :class:`Metric`, :class:`MetricContext`, :data:`RegisterMetric`, :func:`peaks`,
+  :func:`masks_from_boxes`, and the batched measures :func:`spearman`, :func:`ranks`,
+  :func:`ssim`, :func:`gaussian_blur`.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .method import Context, Method
+from .metric import Metric, MetricContext, MetricResult, masks_from_boxes, peaks
 from .progress import bar as progress_bar
+from .similarity import gaussian_blur, ranks, spearman, ssim
 from .targets import (
     BoxTarget,
     ClassTarget,
@@ -65,6 +70,8 @@ from .targets import (
 
 #: The type of the ``register`` callback a plugin's ``register_methods`` receives.
 Register = Callable[[Method], None]
+#: The type of the ``register`` callback a plugin's ``register_metrics`` receives.
+RegisterMetric = Callable[[Metric], None]
 
 __all__ = [
     "BoxTarget",
@@ -79,12 +86,16 @@ __all__ = [
     "LayerError",
     "LogitsTarget",
     "Method",
+    "Metric",
+    "MetricContext",
+    "MetricResult",
     "ModelError",
     "OptionError",
     "PluginError",
     "ProbabilityTarget",
     "ReSTTarget",
     "Register",
+    "RegisterMetric",
     "RegressionTarget",
     "SegmentationTarget",
     "SimilarityTarget",
@@ -97,10 +108,16 @@ __all__ = [
     "check_number",
     "eigen_combine",
     "fuse_mean",
+    "gaussian_blur",
     "hookimpl",
+    "masks_from_boxes",
     "normalize",
+    "peaks",
     "principal_component",
     "progress_bar",
+    "ranks",
+    "spearman",
+    "ssim",
     "upsample",
     "weighted_sum",
 ]

@@ -20,10 +20,11 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownMethodError, did_you_mean
+from .errors import PluginError, UnknownMethodError, UnknownMetricError, did_you_mean
 from .method import Method
+from .metric import METRIC_OPTIONS, NEEDS, Metric
 
-__all__ = ["Registry", "default_registry", "list_methods", "reset_registry"]
+__all__ = ["Registry", "default_registry", "list_methods", "list_metrics", "reset_registry"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _ALIAS = re.compile(r"^[a-z][a-z0-9+]*(-[a-z0-9+]+)*$")
@@ -49,6 +50,8 @@ class Registry:
         self._names: dict[str, str] = {}  # name or alias -> canonical name
         self._owners: dict[str, str] = {}  # name or alias -> plugin name
         self._dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+        self._metrics: dict[str, Metric] = {}  # metric name or alias -> metric
+        self._metric_owners: dict[str, str] = {}  # metric name or alias -> plugin name
         self.builtins_found = False
         if load_entrypoints:
             self.load_entrypoints()
@@ -109,12 +112,16 @@ class Registry:
             for impl in self.pm.hook.register_methods.get_hookimpls():
                 if impl.plugin is plugin:
                     impl.function(register=self._registrar(pname))
+            for impl in self.pm.hook.register_metrics.get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(register=lambda m: self.add_metric(m, pname))
         except Exception as exc:
             self._forget(pname)  # all or nothing: a failed plugin leaves no trace
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(
-                f"plugin {pname!r} raised in register_methods: {type(exc).__name__}: {exc}"
+                f"plugin {pname!r} raised in register_methods or register_metrics: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         return pname
 
@@ -123,6 +130,8 @@ class Registry:
         for key in keys:
             self._methods.pop(key, None)
             del self._names[key], self._owners[key]
+        for key in [k for k, owner in self._metric_owners.items() if owner == plugin_name]:
+            del self._metrics[key], self._metric_owners[key]
         self._dists.pop(plugin_name, None)
         if self.pm.has_plugin(plugin_name):
             self.pm.unregister(name=plugin_name)
@@ -202,6 +211,75 @@ class Registry:
             self._names[key] = name
             self._owners[key] = plugin_name
 
+    def add_metric(self, metric: Metric, plugin_name: str = "<direct>") -> None:
+        """Validate and add one metric instance on behalf of ``plugin_name``."""
+        what = type(metric).__name__
+        if isinstance(metric, type) and issubclass(metric, Metric):
+            raise PluginError(
+                f"plugin {plugin_name!r} registered the class {metric.__name__}; register an "
+                f"instance: register({metric.__name__}())."
+            )
+        if not isinstance(metric, Metric):
+            raise PluginError(
+                f"plugin {plugin_name!r} registered {what}; expected an instance of a "
+                "camkit.Metric subclass."
+            )
+        name = metric.name
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise PluginError(
+                f"plugin {plugin_name!r} registered {what} with name {name!r}; a metric name is "
+                "lowercase words joined by hyphens, like 'pointing-game'."
+            )
+        if type(metric).compute is Metric.compute:
+            raise PluginError(
+                f"plugin {plugin_name!r}: metric {name!r} does not implement compute."
+            )
+        if not isinstance(metric.higher_is_better, bool):
+            raise PluginError(f"plugin {plugin_name!r}: {name!r}.higher_is_better must be a bool.")
+        if not set(metric.needs) <= set(NEEDS):
+            raise PluginError(
+                f"plugin {plugin_name!r}: {name!r}.needs is {metric.needs!r}; expected a tuple of "
+                f"{', '.join(map(repr, NEEDS))}."
+            )
+        clash = sorted(set(metric.options) & set(METRIC_OPTIONS))
+        if not isinstance(metric.options, dict) or clash:
+            raise PluginError(
+                f"plugin {plugin_name!r}: {name!r}.options must be a dict of the metric's own "
+                f"option defaults (not {', '.join(clash) or type(metric.options).__name__})."
+            )
+        for key in (name, *metric.aliases):
+            if key in self._metrics:
+                raise PluginError(
+                    f"plugin {plugin_name!r} registers metric {key!r}, which plugin "
+                    f"{self._metric_owners[key]!r} already registered. Rename one of them."
+                )
+        for key in (name, *metric.aliases):
+            self._metrics[key] = metric
+            self._metric_owners[key] = plugin_name
+
+    def get_metric(self, name: str | Metric) -> Metric:
+        """The metric registered as ``name`` (canonical or alias, case-insensitive)."""
+        if isinstance(name, Metric):
+            return name
+        if not isinstance(name, str):
+            raise UnknownMetricError(
+                f"metric expects a name (str) or a camkit.Metric instance; got "
+                f"{type(name).__name__}."
+            )
+        key = name.strip().lower().replace("_", "-")
+        if key in self._metrics:
+            return self._metrics[key]
+        hint = did_you_mean(key, self._metrics)
+        raise UnknownMetricError(
+            f"unknown metric {name!r}.{hint} List metrics with camkit.list_metrics()."
+        )
+
+    def metric_names(self, filter: str = "*") -> list[str]:
+        """Sorted canonical metric names matching the fnmatch pattern ``filter``."""
+        return sorted(
+            k for k, m in self._metrics.items() if k == m.name and fnmatch.fnmatchcase(k, filter)
+        )
+
     # -- lookup ----------------------------------------------------------------------------
     def get(
         self, name: str | Method, *, how_to_list: str = "List methods with camkit.list_methods()."
@@ -256,6 +334,11 @@ class Registry:
             methods = sorted(
                 m for m, owner in self._owners.items() if owner == pname and m in self._methods
             )
+            metrics = sorted(
+                k
+                for k, owner in self._metric_owners.items()
+                if owner == pname and self._metrics[k].name == k
+            )
             out.append(
                 {
                     "name": pname,
@@ -263,6 +346,7 @@ class Registry:
                     "version": version,
                     "hooks": hooks,
                     "methods": methods,
+                    "metrics": metrics,
                 }
             )
         return out
@@ -297,3 +381,8 @@ def reset_registry() -> None:
 def list_methods(filter: str = "*") -> list[str]:
     """Sorted canonical names of the available methods matching the fnmatch glob ``filter``."""
     return default_registry().names(filter)
+
+
+def list_metrics(filter: str = "*") -> list[str]:
+    """Sorted canonical names of the available metrics matching the fnmatch glob ``filter``."""
+    return default_registry().metric_names(filter)

@@ -16,6 +16,7 @@ from typing import NoReturn
 from .. import __version__
 from ..errors import CamkitError, UsageError
 from .commands import demo_command, methods_command, plugins_command
+from .compare import add_compare_parser
 from .explain import explain_command
 from .values import floats, key_value, positive_int, size, stds, target_form
 
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_and_progress(de)
     de.add_argument("--json", action="store_true", help="print the table as JSON")
     de.set_defaults(func=demo_command)
+
+    add_compare_parser(sub)
     return parser
 
 
