@@ -61,7 +61,7 @@ class Registry:
         allowed = (
             None
             if allowed_env is None
-            else {_normalize_dist(d) for d in allowed_env.split(",") if d.strip()}
+            else {_normalize_dist(d.strip()) for d in allowed_env.split(",") if d.strip()}
         )
         seen: set[tuple[str, str]] = set()
         for ep in md.entry_points(group="camkit"):

@@ -90,6 +90,13 @@ class AblationCAM(camkit.Method):
                     index = torch.full((k + 1,), i, dtype=torch.long, device=device)
                     scores = ctx.run_suffix(copies[: k + 1], index)
                     copies[rows, ks] = a[i, ks]
+                    if not bool(torch.isfinite(scores).all()):
+                        raise camkit.TargetError(
+                            f"{self.name}: the scores of ablated copies of sample {i} are not "
+                            f"finite ({scores.flatten()[:4].tolist()}...): the model overflows "
+                            "or divides by zero when channels of the layer are zeroed. Check "
+                            "the model on such activations; for float16 models, try float32."
+                        )
                     drops[i, ks] = scores[k].to(a.dtype) - scores[:k].to(a.dtype)
                     progress.update(k)
         y = ctx.scores.to(a.dtype)
