@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownMethodError, did_you_mean
+from .errors import OptionError, PluginError, UnknownMethodError, did_you_mean
 from .method import Method
 
 __all__ = ["Registry", "default_registry", "list_methods", "reset_registry"]
@@ -240,6 +240,11 @@ class Registry:
 
     def names(self, filter: str = "*") -> list[str]:
         """Sorted canonical names matching the fnmatch pattern ``filter``."""
+        if not isinstance(filter, str):
+            raise OptionError(
+                f"filter expects an fnmatch pattern (str) such as 'grad*'; got "
+                f"{type(filter).__name__}."
+            )
         return sorted(n for n in self._methods if fnmatch.fnmatchcase(n, filter))
 
     def owner(self, name: str) -> str:
