@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from . import plugin
 from .errors import (
+    BlankMapWarning,
     CamkitError,
     CamkitWarning,
     InputError,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMMON_OPTIONS",
+    "BlankMapWarning",
     "CamResult",
     "CamkitError",
     "CamkitWarning",

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from . import augment, cam
 from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
+from .checks import check_batched, check_combined, check_weights, warn_blank_maps
 from .errors import InputError, LayerError, PluginError
 from .forward import Forward, buffers_kept, captured_forward, check_inputs, unwrap
 from .layers import LayerSpec, cached_default_layer, resolve_layers
@@ -132,6 +133,7 @@ class Explainer:
             else self.options
         )
         inputs = check_inputs(x)
+        check_batched(model, inputs[0])
         kwargs = dict(opts["model_kwargs"] or {})
         call = Call(
             model=model,
@@ -323,7 +325,7 @@ def _weights_per_layer(
     extras: dict[str, dict[str, Any]] = {}
     per_layer = zip(call.layers, got.activations, got.gradients, got.hessian_vectors, strict=True)
     for (name, module), act, grad, hvp in per_layer:
-        layout = layer_layout(name, act, opts["reshape"], spatial, call.n)
+        layout = layer_layout(name, act, opts["reshape"], spatial, call.n, module)
         activations, gradients = prepare_maps(name, act, grad, opts["reshape"], layout)
         # H A laid out as the gradient is
         hv = None if hvp is None else prepare_maps(name, act, hvp, opts["reshape"], layout)[1]
@@ -344,10 +346,13 @@ def _weights_per_layer(
             hessian_vector=hv,
         )
         w = method.weights(ctx)
-        _check_weights(method, w, activations)
-        raw = method.combine(ctx, w).detach()
+        check_weights(method.name, w, activations)
+        raw = method.combine(ctx, w)
+        check_combined(method.name, raw, activations)
+        raw = raw.detach()
         if opts["relu"]:
             raw = raw.clamp_min(0)
+        warn_blank_maps(name, raw, activations, gradients, opts["relu"])
         raws[name], weights[name], extras[name] = raw, w.detach(), ctx.extras
         m = raw
         if opts["upsample"] is not None and len(spatial) == m.ndim - 1:
@@ -401,16 +406,3 @@ def _result(
         method=got.call.method.name,
         extras=extras[names[0]] if len(names) == 1 else {k: v for k, v in extras.items() if v},
     )
-
-
-def _check_weights(method: Method, w: Any, activations: Tensor) -> None:
-    n, c = activations.shape[:2]
-    ok = isinstance(w, Tensor) and (
-        tuple(w.shape) == (n, c) or tuple(w.shape) == tuple(activations.shape)
-    )
-    if not ok:
-        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-        raise PluginError(
-            f"method {method.name!r} returned weights of shape {got}; expected ({n}, {c}) or "
-            f"{tuple(activations.shape)} for activations {tuple(activations.shape)}."
-        )

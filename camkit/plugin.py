@@ -35,6 +35,7 @@ from typing import Any
 
 from .cam import eigen_combine, fuse_mean, normalize, principal_component, upsample, weighted_sum
 from .errors import (
+    BlankMapWarning,
     CamkitError,
     CamkitWarning,
     InputError,
@@ -67,6 +68,7 @@ from .targets import (
 Register = Callable[[Method], None]
 
 __all__ = [
+    "BlankMapWarning",
     "BoxTarget",
     "CamkitError",
     "CamkitWarning",
