@@ -54,7 +54,8 @@ class AblationCAM(camkit.Method):
     uses_run_suffix = True
     class_discriminative = True
     cost = (
-        "1 forward (explained, recording the prefix) + C ablated copies through the part after "
+        "1 forward (explained, recording the prefix) + 1 forward of one checked copy + C ablated "
+        "copies through the part after "
         "the layer"
     )
     options = {"denominator": "abs"}
