@@ -12,6 +12,7 @@ from . import plugin
 from .compare import compare
 from .comparison import Comparison
 from .errors import (
+    BlankMapWarning,
     CamkitError,
     CamkitWarning,
     InputError,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMMON_OPTIONS",
+    "BlankMapWarning",
     "CamResult",
     "CamkitError",
     "CamkitWarning",

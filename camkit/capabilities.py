@@ -75,7 +75,7 @@ def recapturer(
             with call.autocast():
                 fwd = captured_forward(sub, call.method.needs_gradients, index[sl])
             act = fwd.activations[0]
-            layout = layer_layout(layer[0], act, opts["reshape"], sub.spatial, sub.n)
+            layout = layer_layout(layer[0], act, opts["reshape"], sub.spatial, sub.n, layer[1])
             a, g = prepare_maps(layer[0], act, fwd.gradients[0], opts["reshape"], layout)
             acts.append(a)
             if g is not None:

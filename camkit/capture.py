@@ -25,12 +25,36 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import LayerError
+from .errors import LayerError, ModelError
 
-__all__ = ["Capture", "hooks_paused", "output_replaced"]
+__all__ = ["Capture", "hooks_paused", "is_compiled", "output_replaced", "refuse_compiled"]
 
 _ACTIVE: ContextVar[Capture | None] = ContextVar("camkit_active_capture", default=None)
 _REPLACING: ContextVar[object | None] = ContextVar("camkit_replacing", default=None)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """``module`` is a TorchScript module (``torch.jit.script`` or ``torch.jit.trace``): its
+    forward runs as a compiled graph that Python hooks and functions cannot see into."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def refuse_compiled(module: nn.Module, what: str, name: str = "") -> None:
+    """Raise :class:`ModelError` when ``module`` is a TorchScript module.
+
+    Args:
+        module: the model, or a target layer of it.
+        what: what needs to see inside it (``"camkit"``, ``"guided backpropagation"``).
+        name: the layer's dotted name, when ``module`` is a layer.
+    """
+    if not is_compiled(module):
+        return
+    which = f"layer {name!r} ({type(module).__name__})" if name else type(module).__name__
+    raise ModelError(
+        f"{which} is a TorchScript module (torch.jit.script or torch.jit.trace): {what} "
+        "cannot see inside compiled graphs, whose modules run without Python hooks. Pass the "
+        "eager nn.Module the compiled one was made from (torch.compile models are fine)."
+    )
 
 
 class Capture:
@@ -76,6 +100,8 @@ class Capture:
 
     def __enter__(self) -> Capture:
         self._grad_mode = torch.is_grad_enabled()
+        for name, module in self.layers:
+            refuse_compiled(module, "camkit", name)
         try:
             for name, module in self.layers:
                 self._handles.append(module.register_forward_hook(self._hook(name)))

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable
 
 __all__ = [
+    "BlankMapWarning",
     "CamkitError",
     "CamkitWarning",
     "CheckpointError",
@@ -37,6 +38,10 @@ class CamkitError(Exception):
 
 class CamkitWarning(UserWarning):
     """Base class of camkit's warnings."""
+
+
+class BlankMapWarning(CamkitWarning):
+    """Maps that came out blank (constant, so all zero once normalised), with the reason."""
 
 
 class InputError(CamkitError, TypeError):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from . import augment, cam
 from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
+from .checks import check_batched, check_combined, check_weights, warn_blank_maps
 from .errors import InputError, LayerError, OptionError, PluginError
 from .forward import (
     Forward,
@@ -157,6 +158,7 @@ class Explainer:
             x, runner = values, KeywordModel(model, keys)
             kwargs = {**{k: normal_tensor(v) for k, v in rest.items()}, **kwargs}
         inputs = check_inputs(x)
+        check_batched(model, inputs[0])
         call = Call(
             model=runner,
             inputs=inputs,
@@ -362,7 +364,7 @@ def _weights_per_layer(
     extras: dict[str, dict[str, Any]] = {}
     per_layer = zip(call.layers, got.activations, got.gradients, got.hessian_vectors, strict=True)
     for (name, module), act, grad, hvp in per_layer:
-        layout = layer_layout(name, act, opts["reshape"], spatial, call.n)
+        layout = layer_layout(name, act, opts["reshape"], spatial, call.n, module)
         activations, gradients = prepare_maps(
             name, act, grad, opts["reshape"], layout, opts["differentiable"]
         )
@@ -385,11 +387,13 @@ def _weights_per_layer(
             hessian_vector=hv,
         )
         w = method.weights(ctx)
-        _check_weights(method, w, activations)
+        check_weights(method.name, w, activations)
         raw = method.combine(ctx, w)
+        check_combined(method.name, raw, activations)
         raw = raw if opts["differentiable"] else raw.detach()  # the graph, when asked for
         if opts["relu"]:
             raw = raw.clamp_min(0)
+        warn_blank_maps(name, raw, activations, gradients, opts["relu"])
         raws[name], weights[name], extras[name] = raw, w.detach(), ctx.extras
         m = raw
         if opts["upsample"] is not None and len(spatial) != m.ndim - 1:
@@ -445,19 +449,6 @@ def _result(
         method=got.call.method.name,
         extras=extras[names[0]] if len(names) == 1 else {k: v for k, v in extras.items() if v},
     )
-
-
-def _check_weights(method: Method, w: Any, activations: Tensor) -> None:
-    n, c = activations.shape[:2]
-    ok = isinstance(w, Tensor) and (
-        tuple(w.shape) == (n, c) or tuple(w.shape) == tuple(activations.shape)
-    )
-    if not ok:
-        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-        raise PluginError(
-            f"method {method.name!r} returned weights of shape {got}; expected ({n}, {c}) or "
-            f"{tuple(activations.shape)} for activations {tuple(activations.shape)}."
-        )
 
 
 def _check_differentiable(method: Method, opts: Mapping[str, Any]) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .call import Call
 from .capture import Capture
+from .checks import check_input_devices
 from .errors import CamkitWarning, InputError, LayerError, TargetError, user_stacklevel
 from .targets import Target, score_target
 
@@ -55,6 +56,7 @@ def check_inputs(x: Any) -> tuple[Tensor, ...]:
         raise InputError(
             f"x is an empty batch, shape {tuple(first.shape)}; pass at least one sample."
         )
+    check_input_devices(inputs)
     for i, t in enumerate(inputs):
         # the sum is non-finite whenever an element is (or it overflows): the full check then
         if (

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import InputError, ModelError
+from .capture import refuse_compiled
+from .errors import InputError, ModelError, TargetError
 from .explain import explain
 from .forward import buffers_kept, check_inputs, outside_inference_mode, unwrap
 from .layers import LayerSpec
@@ -126,16 +127,37 @@ def guided_backprop(
             "object, not its output or state_dict."
         )
     model = unwrap(model)
+    refuse_compiled(model, "guided backpropagation")
     with outside_inference_mode():
         inputs = check_inputs(x)
         first = inputs[0].detach().requires_grad_(True)
         n = int(first.shape[0])
-        with buffers_kept(model), torch.enable_grad(), _GuidedMode():
-            raw = model(first, *inputs[1:], **(model_kwargs or {}))
-            tgt, _ = as_target(target, select_output(raw, output), n)
-            out = scored_output(raw, tgt, output)
-            scores = tgt.scores(out, torch.arange(n, device=first.device))
-        (grad,) = torch.autograd.grad(scores.sum(), first)
+        # the gradient is taken inside: grad mode on whatever the caller's, and before the
+        # buffers are restored (a train-mode batch norm saved them for its backward)
+        with buffers_kept(model), torch.enable_grad():
+            with _GuidedMode():
+                raw = model(first, *inputs[1:], **(model_kwargs or {}))
+                tgt, _ = as_target(target, select_output(raw, output), n)
+                out = scored_output(raw, tgt, output)
+                scores = tgt.scores(out, torch.arange(n, device=first.device))
+            if not bool(torch.isfinite(scores.detach()).all()):
+                raise TargetError(
+                    f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}"
+                    "...): the model overflows or divides by zero on this input. Check the "
+                    "input's preprocessing; for float16 models, try bfloat16 or float32."
+                )
+            if not scores.requires_grad:
+                raise ModelError(
+                    "the target score does not depend on the input (no gradient flows back to "
+                    "it); guided backpropagation needs a model whose output is computed from x."
+                )
+            (grad,) = torch.autograd.grad(scores.sum(), first)
+    if not bool(torch.isfinite(grad).all()):
+        raise ModelError(
+            "guided backpropagation gave non-finite input gradients: the model overflows or "
+            "divides by zero on this input. Check the input's preprocessing; for float16 "
+            "models, try float32."
+        )
     return grad
 
 

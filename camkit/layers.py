@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .capture import is_compiled, refuse_compiled
 from .errors import LayerError, UnknownLayerError, did_you_mean
 from .inputs import KeywordModel, input_spatial, split_mapping
 from .layout import has_spatial_extent, infer_layout
@@ -205,7 +206,10 @@ def probe(
     Returns:
         One record per module that ran, in the order they finished (their last call).
     """
-    names = module_names(model)
+    refuse_compiled(model, "camkit")
+    # a compiled part (not the model itself) runs as one graph: its inner modules never run
+    # as modules, and it takes no hooks
+    names = {m: n for m, n in module_names(model).items() if not is_compiled(m)}
     seen: dict[nn.Module, list[Any]] = {}
     owner = object()
     token = _PROBING.set(owner)
@@ -445,7 +449,15 @@ def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
     first = inputs[0]
     spatial = input_spatial(first) if isinstance(first, Tensor) else None
     batch = int(first.shape[0]) if isinstance(first, Tensor) else 0
-    records = probe(model, lambda: runner(*inputs, **model_kwargs), spatial, batch)
+    # a train-mode model updates its batch-norm statistics in any forward: put them back
+    training = any(m.training for m in model.modules())
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if training else []
+    try:
+        records = probe(model, lambda: runner(*inputs, **model_kwargs), spatial, batch)
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
     return [
         LayerInfo(
             name=r.name,

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .channels import channels_by_module
+from .checks import check_reshaped
 from .errors import LayerError
 
 __all__ = [
@@ -162,10 +164,36 @@ def infer_layout(
     return None
 
 
+def ambiguous(shape: tuple[int, ...], input_spatial: tuple[int, ...]) -> bool:
+    """``shape`` fits both channels first and channels last for ``input_spatial``."""
+    rank = len(input_spatial)
+    return (
+        rank >= 2
+        and len(shape) == rank + 2
+        and _consistent(tuple(shape[2:]), input_spatial)
+        and _consistent(tuple(shape[1:-1]), input_spatial)
+    )
+
+
 def layout_or_error(
-    name: str, shape: tuple[int, ...], input_spatial: tuple[int, ...], batch: int
+    name: str,
+    shape: tuple[int, ...],
+    input_spatial: tuple[int, ...],
+    batch: int,
+    module: nn.Module | None = None,
 ) -> Layout:
-    """:func:`infer_layout`, or a :class:`LayerError` naming the shape and the fix."""
+    """:func:`infer_layout`, or a :class:`LayerError` naming the shape and the fix.
+
+    A shape that fits both channels first and channels last is read from what ``module`` is
+    (:func:`camkit.channels.channels_by_module`); a layer whose modules do not tell keeps
+    channels first.
+    """
+    if module is not None and ambiguous(shape, input_spatial):
+        said = channels_by_module(module, shape)
+        if said == "last":
+            return Layout("channels_last")
+        if said == "first":
+            return Layout("channels_first")
     layout = infer_layout(shape, input_spatial, batch)
     if layout is None:
         raise LayerError(
@@ -212,14 +240,19 @@ def no_extent_error(name: str, a: Tensor) -> LayerError:
 
 
 def layer_layout(
-    name: str, a: Tensor, reshape: Any, input_spatial: tuple[int, ...], batch: int
+    name: str,
+    a: Tensor,
+    reshape: Any,
+    input_spatial: tuple[int, ...],
+    batch: int,
+    module: nn.Module | None = None,
 ) -> Layout | None:
     """The layer's layout, or ``None`` when the caller's ``reshape`` takes its place."""
     if reshape is not None:
         return None
     if a.ndim < 3:
         raise no_extent_error(name, a)
-    return layout_or_error(name, tuple(a.shape), input_spatial, batch)
+    return layout_or_error(name, tuple(a.shape), input_spatial, batch, module)
 
 
 def prepare_maps(
@@ -235,8 +268,8 @@ def prepare_maps(
     if not differentiable:
         a = a.detach()
     if reshape is not None:
-        a = reshape(a)
-        g = reshape(g) if g is not None else None
+        a = check_reshaped(name, "activations", reshape(a))
+        g = check_reshaped(name, "gradients", reshape(g)) if g is not None else None
     elif layout is not None:
         a = layout.to_maps(a)
         g = layout.to_maps(g) if g is not None else None

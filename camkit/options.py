@@ -66,8 +66,11 @@ def _check_common(opts: Mapping[str, Any]) -> None:
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise OptionError(f"option 'batch_size' expects a positive int, got {bs!r}.")
     seed = opts["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise OptionError(f"option 'seed' expects an int, got {seed!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise OptionError(
+            f"option 'seed' expects an int from -2**63 to 2**64 - 1 (what torch.Generator "
+            f"takes), got {seed!r}."
+        )
     if opts["progress"] is not None:
         _check_bool("progress", opts["progress"])
     reshape = opts["reshape"]

@@ -38,6 +38,7 @@ from typing import Any
 
 from .cam import eigen_combine, fuse_mean, normalize, principal_component, upsample, weighted_sum
 from .errors import (
+    BlankMapWarning,
     CamkitError,
     CamkitWarning,
     InputError,
@@ -74,6 +75,7 @@ Register = Callable[[Method], None]
 RegisterMetric = Callable[[Metric], None]
 
 __all__ = [
+    "BlankMapWarning",
     "BoxTarget",
     "CamkitError",
     "CamkitWarning",

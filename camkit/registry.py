@@ -20,7 +20,13 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownMethodError, UnknownMetricError, did_you_mean
+from .errors import (
+    OptionError,
+    PluginError,
+    UnknownMethodError,
+    UnknownMetricError,
+    did_you_mean,
+)
 from .method import Method
 from .metric import METRIC_OPTIONS, NEEDS, Metric
 
@@ -64,7 +70,7 @@ class Registry:
         allowed = (
             None
             if allowed_env is None
-            else {_normalize_dist(d) for d in allowed_env.split(",") if d.strip()}
+            else {_normalize_dist(d.strip()) for d in allowed_env.split(",") if d.strip()}
         )
         seen: set[tuple[str, str]] = set()
         for ep in md.entry_points(group="camkit"):
@@ -319,6 +325,11 @@ class Registry:
 
     def names(self, filter: str = "*") -> list[str]:
         """Sorted canonical names matching the fnmatch pattern ``filter``."""
+        if not isinstance(filter, str):
+            raise OptionError(
+                f"filter expects an fnmatch pattern (str) such as 'grad*'; got "
+                f"{type(filter).__name__}."
+            )
         return sorted(n for n in self._methods if fnmatch.fnmatchcase(n, filter))
 
     def owner(self, name: str) -> str:

@@ -261,84 +261,35 @@ def suffix_runner(
     return run_suffix
 
 
-def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed] | None:
+def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed | None]:
     """The explained forward of a method that uses ``ctx.run_suffix``, without gradients, one
-    layer: the forward that explains also records the prefix and checks the replay.
+    layer: the forward that explains also records the prefix, and the replay is checked.
 
-    The layer's output is captured as usual, but the rest of the model sees it with the first
-    sample scaled by 1/2 (set to ones where it is all zero): that forward's output is the exact
-    output of a perturbed copy. The explained output is the replay of the captured output; the
-    replay of the perturbed copy must match the forward's score of it, and the replayed scores
-    of the other samples the forward's. Then ``ctx.run_suffix`` needs no forward of its own:
-    one forward fewer than :func:`~camkit.forward.captured_forward` and a later check. Returns
-    ``None`` where the replay is not exact or raises: the caller then runs
-    :func:`~camkit.forward.captured_forward`, and ``ctx.run_suffix`` checks (and warns) on its
-    own. With several targets per sample (scores ``(N, K)``) every
-    target's score is compared; the record is for the ``N`` samples, so the caller hands it to
-    ``ctx.run_suffix`` only for one target per sample.
+    The explained forward is the model's own forward on the batch, unchanged: its output is
+    what the caller's hooks, the target and ``CamResult.scores`` see. It also records the part
+    of the model before the layer. The check then runs one forward of a perturbed copy of the
+    first sample (its layer output scaled by 1/2, or set to ones where it is all zero) and
+    compares its exact score with the replay of that copy, and the replayed scores of the
+    batch with the forward's. Then ``ctx.run_suffix`` needs no check of its own. Where the
+    replay is not exact or raises, the record is not handed on (``None``): ``ctx.run_suffix``
+    then checks (and warns) on its own. A failure of the model itself, in the explained forward
+    or on the perturbed copy, reaches the caller as it is. With several targets per sample
+    (scores ``(N, K)``) every target's score is compared; the record is for the ``N`` samples,
+    so the caller hands it to ``ctx.run_suffix`` only for one target per sample.
     """
     model, inputs, kwargs = call.model, call.inputs, call.kwargs
     name, module = call.layers[0]
     m = int(inputs[0].shape[0])
     choice = call.options["output"]
-    perturbed: list[Tensor] = []
-
-    def replace(a: Tensor) -> Tensor:
-        copy = a.clone()
-        first = copy.select(batch_dim(a, m), 0)
-        if bool(first.ne(0).any()):
-            first.mul_(0.5)
-        else:
-            first.fill_(1.0)
-        perturbed.append(first.clone())  # as the layer gave it, before any in-place op after
-        return copy
-
-    capture = Capture(
-        call.layers[:1],
-        needs_gradients=False,
-        transform=detector_transform(model),
-        replace=replace,
-    )
+    capture = Capture(call.layers[:1], needs_gradients=False, transform=detector_transform(model))
     outputs: list[Any] = []
     with capture:
-        try:
-            recorded = record_prefix(
-                model, module, lambda: outputs.append(model(*inputs, **kwargs))
-            )
-        except CamkitError:
-            raise
-        except Exception:  # the perturbed copy may be what fails: leave it to captured_forward
-            return None
+        recorded = record_prefix(model, module, lambda: outputs.append(model(*inputs, **kwargs)))
         if capture.missing():
             raise missing_layers(capture.missing())
         act = capture.activations[name]
         check_layer_output(name, act, m)
-    bd = batch_dim(act, m)
-    replays = Replays(model, inputs, dict(kwargs), module, act, recorded, bd)
-    try:
-        raw = replays.output(act, index)
-        if replays.written():
-            return None
-        target, classes, output, scores = score_target(raw, call.target, choice, index, call.n)
-        exact = target.scores(scored_output(outputs[0], target, choice), index)
-        own = perturbed[0].unsqueeze(bd)
-        version = own._version
-        fast = target.scores(
-            scored_output(replays.output(own, index[:1]), target, choice), index[:1]
-        )
-        copy_layer = own._version != version
-        if replays.written():
-            return None
-        tol = 1e-4 * max(1.0, float(exact.detach().abs().max()))
-        got = torch.cat([fast, scores[1:]]).detach()
-        if got.shape != exact.shape or not bool(torch.isfinite(got).all()):
-            return None
-        if float((got - exact.detach()).abs().max()) > tol:
-            return None
-    except CamkitError:
-        raise  # the caller's mistake (a target, an option), not the replay's
-    except Exception:  # not replayable: the ordinary forward, then run_suffix's own check
-        return None
+    target, classes, output, scores = score_target(outputs[0], call.target, choice, index, call.n)
     forward = Forward(
         output=output,
         target=target,
@@ -349,4 +300,39 @@ def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed] | None:
         order=[name],
         geometry=capture.geometry,
     )
+    bd = batch_dim(act, m)
+    own = act.select(bd, 0).clone()
+    if bool(own.ne(0).any()):
+        own.mul_(0.5)
+    else:
+        own.fill_(1.0)
+    own = own.unsqueeze(bd)
+    # the exact score of the perturbed copy: one forward of the first sample
+    with hooks_paused(), torch.no_grad(), output_replaced(module, own):
+        first = model(*(t[:1] for t in inputs), **kwargs)
+    exact = target.scores(scored_output(first, target, choice), index[:1]).detach()
+    replays = Replays(model, inputs, dict(kwargs), module, act, recorded, bd)
+    try:
+        raw = replays.output(act, index)
+        if replays.written():
+            return forward, None
+        again = target.scores(scored_output(raw, target, choice), index).detach()
+        version = own._version
+        fast = target.scores(
+            scored_output(replays.output(own, index[:1]), target, choice), index[:1]
+        ).detach()
+        copy_layer = own._version != version
+        if replays.written():
+            return forward, None
+    except CamkitError:
+        raise  # the caller's mistake (a target, an option), not the replay's
+    except Exception:  # not replayable: run_suffix's own check decides, and warns
+        return forward, None
+    reference = torch.cat([exact, forward.scores])
+    got = torch.cat([fast, again])
+    tol = 1e-4 * max(1.0, float(reference.abs().max()))
+    if got.shape != reference.shape or not bool(torch.isfinite(got).all()):
+        return forward, None
+    if float((got - reference).abs().max()) > tol:
+        return forward, None
     return forward, Primed(recorded, copy_layer)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .cam import fit_mask
+from .checks import as_class_tensor, check_class_range, check_logit_rows
 from .detection import BoxTarget, box_iou
 from .errors import OptionError, TargetError
 from .logits import FinerTarget, LogitsTarget, ReSTTarget
@@ -242,6 +243,8 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
         The target and the ``(n,)`` long class indices it explains, or ``None`` for targets
         that are not classes.
     """
+    if target is None or isinstance(target, (int, Sequence, Tensor)):
+        check_logit_rows(output, n)
     if target is None:
         classes = _logits(output).argmax(dim=1)
         return ClassTarget(classes), classes
@@ -251,11 +254,12 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
     if several is not None:
         return several, several.classes
     if isinstance(target, int):
+        check_class_range(target, _logits(output).shape[1])
         classes = torch.full((n,), target, dtype=torch.long, device=_device(output))
     elif isinstance(target, Tensor) or (
         isinstance(target, Sequence) and not isinstance(target, str)
     ):
-        t = torch.as_tensor(target)
+        t = as_class_tensor(target, n)
         if t.ndim == 0:
             t = t.reshape(1).expand(n)
         if t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():

@@ -11,11 +11,11 @@ with ``y`` the score and ``y_k`` the score with activation map ``k`` set to zero
 Cost model: the ablated copies go through ``ctx.run_suffix``, which runs the part of the model
 before the layer once and only the part after it per copy (``batch_size - 1`` copies at a
 time); ``uses_run_suffix`` lets the explained forward record that part and check the replay,
-so at the last block the cost is about one and a half inferences whatever the number of
-channels; at an early layer the suffix is most of the model and the cost approaches ``C``
-forwards. Channels whose
-activations are all zero cannot change the score when zeroed: their weight is exactly 0 and
-they are not run.
+so at the last block the cost is one and a half to two and a half inferences (the check's
+forward of one row weighs most for a batch of one) whatever the number of channels; at an
+early layer the suffix is most of the model and the cost approaches ``C`` forwards. Channels
+whose activations are all zero cannot change the score when zeroed: their weight is exactly 0
+and they are not run.
 
 Precision: a weight is the difference of two nearly equal scores, and the map sums such weights
 with mixed signs. Each replay therefore scores the unablated sample beside its copies
@@ -54,7 +54,8 @@ class AblationCAM(camkit.Method):
     uses_run_suffix = True
     class_discriminative = True
     cost = (
-        "1 forward (explained, recording the prefix) + C ablated copies through the part after "
+        "1 forward (explained, recording the prefix) + 1 forward of one checked copy + C ablated "
+        "copies through the part after "
         "the layer"
     )
     options = {"denominator": "abs"}
@@ -90,6 +91,13 @@ class AblationCAM(camkit.Method):
                     index = torch.full((k + 1,), i, dtype=torch.long, device=device)
                     scores = ctx.run_suffix(copies[: k + 1], index)
                     copies[rows, ks] = a[i, ks]
+                    if not bool(torch.isfinite(scores).all()):
+                        raise camkit.TargetError(
+                            f"{self.name}: the scores of ablated copies of sample {i} are not "
+                            f"finite ({scores.flatten()[:4].tolist()}...): the model overflows "
+                            "or divides by zero when channels of the layer are zeroed. Check "
+                            "the model on such activations; for float16 models, try float32."
+                        )
                     drops[i, ks] = scores[k].to(a.dtype) - scores[:k].to(a.dtype)
                     progress.update(k)
         y = ctx.scores.to(a.dtype)

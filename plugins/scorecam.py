@@ -30,6 +30,7 @@ for each of them in the softmax, so skipping them is exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -87,7 +88,7 @@ class _MaskScore(camkit.Method):
         probability = ctx.options.get("weights") == "probability"
         target = _probability_target(ctx) if probability else None
         draws = self._draws(ctx)
-        chunk = ctx.options["batch_size"]
+        chunk = max(1, min(ctx.options["batch_size"], c))  # never more rows than channels
         flat = a.flatten(2)
         # a constant map (all zeros after ReLU, typically) upsamples to a constant, whose
         # normalised mask is all zero: those channels share the zero-masked input's score
@@ -110,6 +111,13 @@ class _MaskScore(camkit.Method):
                         idx = index[: len(ks)]
                         batch = (masked, *(t[idx] for t in rest))
                         total[start : start + len(ks)] = ctx.score(batch, idx, target).double()
+                    if not bool(torch.isfinite(total).all()):
+                        raise camkit.TargetError(
+                            f"{self.name}: the scores of masked inputs of sample {i} are not "
+                            f"finite ({total.flatten()[:4].tolist()}...): the model overflows "
+                            "or divides by zero on masked inputs. Check the model on inputs "
+                            "with zeroed regions; for float16 models, try float32."
+                        )
                     scores[i, live] += total[: len(live)]
                     if dead.numel():
                         scores[i, dead] += total[-1]
@@ -210,8 +218,15 @@ class SSCAM(_MaskScore):
         _check_weights_option(options)
         _check_samples(options)
         std = options["std"]
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
-            raise camkit.OptionError(f"option 'std' expects a non-negative number, got {std!r}.")
+        if (
+            isinstance(std, bool)
+            or not isinstance(std, (int, float))
+            or not math.isfinite(std)
+            or std < 0
+        ):
+            raise camkit.OptionError(
+                f"option 'std' expects a finite, non-negative number, got {std!r}."
+            )
         if options["noise_on"] not in ("mask", "input"):
             raise camkit.OptionError(
                 f"option 'noise_on' expects 'mask' or 'input', got {options['noise_on']!r}."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -83,13 +85,20 @@ def test_principal_component_matches_a_float64_svd(shape: tuple[int, ...], cente
 def test_explain_1d_2d_3d(dims: int, size: tuple[int, ...]) -> None:
     model = TinyCNN(dims=dims).eval()
     x = torch.randn(2, 3, *size)
-    res = camkit.explain(model, x, target=[0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", camkit.BlankMapWarning)
+        res = camkit.explain(model, x, target=[0, 1])
+    # a random network's map can be blank (all negative before the ReLU): never silently
+    blank = bool((res.maps.flatten(1).amax(1) == 0).any())
+    assert blank == any(issubclass(w.category, camkit.BlankMapWarning) for w in caught)
     assert res.maps.shape == (2, *size) and res.maps.dtype == torch.float32
     assert res.raw.shape == (2, *(-(-s // 2) for s in size))
     expected = cam.normalize(cam.upsample(res.raw, size, "auto"))
     torch.testing.assert_close(res.maps, expected)
     assert float(res.maps.amin()) == 0.0 and float(res.maps.amax()) == 1.0
-    low = camkit.explain(model, x, target=[0, 1], upsample=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", camkit.BlankMapWarning)  # checked above, same maps
+        low = camkit.explain(model, x, target=[0, 1], upsample=None)
     assert low.maps.shape == res.raw.shape
 
 

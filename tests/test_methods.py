@@ -188,7 +188,11 @@ def test_gradcampp_one_positive_gradient_per_channel() -> None:
     # k=1: A all one, S = 4: alpha g = 0.5 / (2 + 4 * 0.5) -> w = 0.125
     a = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]])
     g = torch.tensor([[[[0.5, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.5]]]])
-    res = camkit.explain(_flatten_head(a, g), X4, "gradcampp", layer="layer", target=0, **SIGNED)
+    # the map is constant (0.125 everywhere): blank, and said so
+    with pytest.warns(camkit.BlankMapWarning, match="constant for 1 of 1"):
+        res = camkit.explain(
+            _flatten_head(a, g), X4, "gradcampp", layer="layer", target=0, **SIGNED
+        )
     assert torch.equal(res.weights, torch.tensor([[0.25, 0.125]]))
     assert torch.equal(res.raw, torch.full((1, 2, 2), 0.125))
 

@@ -275,19 +275,21 @@ def test_3d_by_hand() -> None:
         fc.weight.copy_(torch.cat([torch.full((8,), 0.5), torch.full((8,), -1.0)])[None])
     model = nn.Sequential(layer, nn.Flatten(), fc)
     x = torch.arange(8, dtype=torch.float32).reshape(1, 1, 2, 2, 2)
-    res = camkit.explain(model, x, layer="0", target=0, normalize=False, relu=False)
+    with pytest.warns(camkit.BlankMapWarning, match="constant for 1 of 1"):
+        res = camkit.explain(model, x, layer="0", target=0, normalize=False, relu=False)
     # weights (0.5, -1); raw = 0.5 * 2x - 1 * x = 0
     assert torch.equal(res.weights, torch.tensor([[0.5, -1.0]]))
     assert torch.equal(res.raw, torch.zeros(1, 2, 2, 2))
-    res = camkit.explain(
-        model,
-        x.expand(1, 1, 2, 2, 2) + 1,
-        layer="0",
-        target=0,
-        upsample="trilinear",
-        normalize=False,
-        relu=False,
-    )
+    with pytest.warns(camkit.BlankMapWarning, match="constant for 1 of 1"):
+        res = camkit.explain(
+            model,
+            x.expand(1, 1, 2, 2, 2) + 1,
+            layer="0",
+            target=0,
+            upsample="trilinear",
+            normalize=False,
+            relu=False,
+        )
     assert res.maps.shape == (1, 2, 2, 2)
 
 

@@ -272,9 +272,11 @@ class Stem(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.runs = 0
+        self.rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.runs += 1
+        self.rows += int(x.shape[0])
         return torch.relu(self.conv(x))
 
 
@@ -307,8 +309,9 @@ class TwoForwards(camkit.Method):
 
 @pytest.mark.parametrize("model_cls", [Counting, RewritesThePrefix])
 def test_ablationcam_records_in_the_explained_forward(model_cls: type[nn.Module]) -> None:
-    # a method that declares uses_run_suffix gets the record and the check from the explained
-    # forward: the prefix computes once, where otherwise it computes twice, for the same maps
+    # a method that declares uses_run_suffix gets the record from the explained forward: the
+    # prefix computes on the batch once (and on the one checked copy), where otherwise it
+    # computes on the batch twice, for the same maps
     torch.manual_seed(0)
     model = model_cls().eval()
     x = torch.randn(3, 3, 6, 6)
@@ -319,12 +322,12 @@ def test_ablationcam_records_in_the_explained_forward(model_cls: type[nn.Module]
     torch.testing.assert_close(one.scores, two.scores)
     assert one.weights.abs().amax(dim=1).min() > 0
     if isinstance(model, Counting):
-        model.stem.runs = 0
+        model.stem.runs = model.stem.rows = 0
         camkit.explain(model, x, method="ablationcam", layer="layer", target=[0, 1, 0])
-        assert model.stem.runs == 1
-        model.stem.runs = 0
+        assert (model.stem.runs, model.stem.rows) == (2, 3 + 1)  # the batch, the checked copy
+        model.stem.runs = model.stem.rows = 0
         camkit.explain(model, x, method=TwoForwards(), layer="layer", target=[0, 1, 0])
-        assert model.stem.runs == 2
+        assert (model.stem.runs, model.stem.rows) == (2, 3 + 3)  # the batch, twice
     assert_unchanged(before, model)
     assert hook_count(model) == 0
     assert not any("forward" in m.__dict__ for m in model.modules())

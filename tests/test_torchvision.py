@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,14 @@ def test_builder_gives_finite_gradcam_maps_at_its_smallest_input(
     try:
         assert sweep.documented_layer(model) == layer
         assert sweep.smallest_size(model) == size
-        res = camkit.explain(model, _batch(size))  # layer=None: the adapters choose
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", camkit.BlankMapWarning)
+            res = camkit.explain(model, _batch(size))  # layer=None: the adapters choose
         assert res.layer == layer
         _check_maps(res, size)
+        # random weights can give blank maps (all negative before the ReLU): never silently
+        blank = bool((res.maps.flatten(1).amax(1) == 0).any())
+        assert blank == any(issubclass(w.category, camkit.BlankMapWarning) for w in caught)
         assert sweep.check(res, layer, size).startswith("ok")
     finally:
         del model
@@ -136,7 +142,8 @@ def test_vit_head_is_zero_initialised_and_build_fixes_it(vit: nn.Module) -> None
         image_size=32, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8
     ).eval()
     assert not bool(raw.heads.head.weight.any())
-    res = camkit.explain(raw, _batch(32))
+    with pytest.warns(camkit.BlankMapWarning, match="gradient at the layer is exactly zero"):
+        res = camkit.explain(raw, _batch(32))
     assert res.layer == "encoder.layers.encoder_layer_0.ln_1"
     assert not bool(res.maps.any())
     assert bool(vit.heads.head.weight.any())  # built by sweep.build
@@ -225,7 +232,8 @@ def test_vit_final_norm_patch_tokens_do_not_reach_the_class_score(vit: nn.Module
     assert not bool(grad[:, 1:, :].any())
     _, deltas, noise = _ablation_deltas(vit, x, layer="encoder.ln")
     assert bool((deltas.abs() <= noise).all())
-    res = camkit.explain(vit, x, layer="encoder.ln")
+    with pytest.warns(camkit.BlankMapWarning, match="'encoder.ln'.*gradient.*exactly zero"):
+        res = camkit.explain(vit, x, layer="encoder.ln")
     assert not bool(res.maps.any())  # Grad-CAM there: zero maps
 
 

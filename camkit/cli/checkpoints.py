@@ -5,6 +5,7 @@ and loaded strictly, naming every key that does not match the model.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,31 @@ CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"}
 
 
 def _load_failure(exc: BaseException) -> str:
-    """Why ``torch.load(weights_only=True)`` failed, in one sentence."""
-    lines = message_lines(exc)
-    refused = next((ln for ln in lines if ln.startswith("WeightsUnpickler error:")), None)
-    if refused is not None:
-        detail = refused.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
-        return f"it holds pickled objects other than tensors, which are refused ({detail})"
+    """Why ``torch.load(weights_only=True)`` failed, in one sentence of camkit's own (torch's
+    message advises retrying with ``weights_only=False``, which is not camkit's to suggest)."""
+    text = " ".join(message_lines(exc))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found is not None:
+        return (
+            f"it holds a pickled reference to {found.group(1)}, a Python class or function, "
+            "and unpickling one can run any code, so camkit's safe load (torch.load with "
+            "weights_only=True) refuses it"
+        )
+    if "WeightsUnpickler" in text or "Weights only load failed" in text:
+        return (
+            "it holds pickled data other than tensors and plain containers (or is damaged), "
+            "which camkit's safe load (torch.load with weights_only=True) refuses"
+        )
     return first_line(exc)
+
+
+_TRUSTED = (
+    "A checkpoint should hold only the weights: save them with "
+    "torch.save(model.state_dict(), path). To use a file you trust (you know who made it), "
+    "convert it once yourself, knowing that loading it runs its code: "
+    "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pt'), then pass "
+    "weights.pt."
+)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -65,9 +84,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(
-                f"cannot load checkpoint {p} with torch.load(weights_only=True): "
-                f"{_load_failure(exc)}. Save the weights with "
-                "torch.save(model.state_dict(), path), not the whole model."
+                f"cannot load checkpoint {p}: {_load_failure(exc)}. {_TRUSTED}"
             ) from exc
     state = obj
     if isinstance(obj, Mapping):

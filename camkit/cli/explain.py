@@ -21,7 +21,7 @@ from ..explain import Explainer
 from ..result import CamResult
 from ..targets import BoxTarget, SegmentationTarget, select_output
 from ..viz import COLORMAPS, overlay
-from .images import check_image, read_image, write_image
+from .images import check_image, path_text, read_image, write_image
 from .models import load_model
 from .output import staged_output
 from .preprocess import DEFAULT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -56,15 +56,15 @@ def _targets(targets: list[int] | None, n: int) -> list[int] | int | None:
     return targets
 
 
-def _check_images(images: Sequence[Path], method: str) -> None:
+def _check_images(images: Sequence[Path], method: str, max_pixels: int) -> None:
     seen: dict[str, Path] = {}
     for p in images:
-        check_image(p)
+        check_image(p, max_pixels)
         name = f"{p.stem}_{method}"
         if name in seen:
             raise UsageError(
-                f"images {seen[name]} and {p} would both write {name}.png; rename one or "
-                "explain them in separate runs."
+                f"images {path_text(seen[name])} and {path_text(p)} would both write "
+                f"{name}.png; rename one or explain them in separate runs."
             )
         seen[name] = p
 
@@ -135,7 +135,7 @@ def explain_command(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder.")
     method = method_named(args.method)
-    _check_images(images, method.name)
+    _check_images(images, method.name, args.max_pixels)
     device = resolve_device(args.device)
     options = dict(args.option)
     options.setdefault("progress", args.progress)
@@ -176,7 +176,7 @@ def explain_command(args: argparse.Namespace) -> int:
                 batch_targets = (
                     targets[start : start + len(batch)] if isinstance(targets, list) else targets
                 )
-                shown, xs = zip(*(prep(read_image(p)) for p in batch), strict=True)
+                shown, xs = zip(*(prep(read_image(p, args.max_pixels)) for p in batch), strict=True)
                 x = torch.stack(xs).to(device)
                 if form is not None:
                     batch_targets = _form_target(form, model, x)
@@ -247,11 +247,14 @@ def _run(explainer: Explainer, model: nn.Module, x: Tensor, target: Any) -> tupl
     handle = model.register_forward_hook(keep)
     try:
         res = explainer(x, target=target)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except CamkitError:
+        raise
+    except Exception as exc:  # the model's own failure, whatever its type
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CamkitError(
-            f"the model failed on a batch of shape {tuple(x.shape)}: {first}. Check the input "
-            "size (--size) and the model spec; on a GPU, a smaller --batch-size needs less memory."
+            f"the model failed on a batch of shape {tuple(x.shape)}: {type(exc).__name__}"
+            f"{': ' + first if first else ''}. Check the input size (--size) and the model "
+            "spec; on a GPU, a smaller --batch-size needs less memory."
         ) from exc
     finally:
         handle.remove()

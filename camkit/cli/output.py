@@ -52,7 +52,16 @@ def staged_output(out: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if existed:
-            for f in sorted(tmp.iterdir()):
+            files = sorted(tmp.iterdir())
+            # every name checked before anything moves: all files land, or none
+            taken = [f.name for f in files if (target / f.name).is_dir()]
+            if taken:
+                raise ImageError(
+                    f"cannot write {target / taken[0]}: a folder of that name exists in the "
+                    f"output folder{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}; "
+                    "rename or remove it, or choose another --out. Nothing was written."
+                )
+            for f in files:
                 os.replace(f, target / f.name)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)

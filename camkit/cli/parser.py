@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import CamkitError, UsageError
 from .commands import demo_command, methods_command, plugins_command
 from .compare import add_compare_parser
 from .explain import explain_command
+from .images import DEFAULT_MAX_PIXELS
 from .values import floats, key_value, positive_int, size, stds, target_form
 
 __all__ = [
@@ -128,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per explain call (default: 8)",
     )
     ex.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=(
+            "refuse images with more pixels, read from the header before decoding where the "
+            f"format allows (default: {DEFAULT_MAX_PIXELS}, 8192 x 8192)"
+        ),
+    )
+    ex.add_argument(
         "--option",
         type=key_value,
         action="append",
@@ -185,6 +198,33 @@ def _device_and_progress(p: argparse.ArgumentParser) -> None:
 
 
 # -- main ------------------------------------------------------------------------------------
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program runs so that cleanup (``finally``) happens."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`_Terminated` (main thread only): a command
+    stopped by ``kill`` or a job scheduler removes its temporary folder as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line, whatever it quotes."""
+    return " ".join(str(exc).split("\n"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``camkit`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit
     status."""
@@ -198,18 +238,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        code = func(args)
+        with _terminate_as_exception():
+            code = func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except UsageError as exc:
-        print(f"camkit: error: {exc}", file=sys.stderr)
+        print(f"camkit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except CamkitError as exc:
-        print(f"camkit: error: {exc}", file=sys.stderr)
+        print(f"camkit: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("camkit: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("camkit: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # output piped into a command that stopped reading (head)
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
