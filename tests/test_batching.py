@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,12 @@ from camkit import batching
 from camkit.batching import CPU_MAX_ROWS, auto_batch_size, resolve_batch_size
 from camkit.options import COMMON_OPTIONS
 from camkit.toy import TinyCNN
+
+
+@pytest.fixture(autouse=True)
+def quiet_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rules for CPUs this process has to itself, whatever the machine's load."""
+    monkeypatch.setattr(batching.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
 
 
 @pytest.mark.parametrize(
@@ -31,6 +39,22 @@ def test_rows_of_several_inputs_and_dtypes_count_together() -> None:
     image = torch.empty(1, 3, 224, 224, dtype=torch.float16)  # half the bytes: 16 rows
     assert auto_batch_size(image) == 16
     assert auto_batch_size((image, torch.empty(1, 3, 224, 224, dtype=torch.float16))) == 8
+
+
+def test_oversubscribed_cpus_take_the_fewest_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpus = os.cpu_count() or 1
+    row = torch.empty(1, 3, 224, 224)
+    monkeypatch.setattr(batching.os, "getloadavg", lambda: (cpus + 0.5, 0.0, 0.0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert batching.cpu_oversubscribed() and auto_batch_size(row) == CPU_MAX_ROWS
+        torch.set_num_threads(1)  # one thread has no barrier to wait at
+        assert not batching.cpu_oversubscribed() and auto_batch_size(row) == 8
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(batching.os, "getloadavg", lambda: (float(cpus), 0.0, 0.0))
+    assert auto_batch_size(row) == 8  # as many runnable threads as CPUs: not oversubscribed
 
 
 def test_cuda_rule_fits_a_share_of_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
