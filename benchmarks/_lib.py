@@ -12,6 +12,7 @@ rounds were left out is reported with every figure.
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import subprocess
 import time
@@ -392,6 +393,20 @@ def _commit() -> str | None:
     if head.returncode != 0:
         return None
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
+def machine() -> str:
+    """The CPU model, its logical CPUs and the OS, e.g. ``Intel Xeon ..., 2 CPUs, Linux 6.18``."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {_CPUS} CPUs, {platform.system()} {platform.release()}"
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:

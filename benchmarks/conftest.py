@@ -15,14 +15,23 @@ nothing. The figures are printed at the end of the run and stored in each benchm
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from benchmarks._lib import THREADS, Settings
+from benchmarks._lib import THREADS, Comparison, Settings, Spread, environment, machine
 
 _FIGURES = pytest.StashKey[list[tuple[str, str]]]()
+_RATIOS = pytest.StashKey[dict[str, Any]]()
+_LOAD = pytest.StashKey[list[float]]()
+RATIOS_JSON = ".benchmarks/ratios.json"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,6 +56,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "leave the CPUs (default 30; 0: do not wait)",
     )
     group.addoption(
+        "--bench-json",
+        default=RATIOS_JSON,
+        help=f"write the gated ratios here, for python -m benchmarks.compare (default "
+        f"{RATIOS_JSON}; '' writes nothing)",
+    )
+    group.addoption(
         "--bench-repeats",
         type=int,
         default=3,
@@ -60,6 +75,8 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped when it is not available")
     config.stash[_FIGURES] = []
+    config.stash[_RATIOS] = {}
+    config.stash[_LOAD] = list(os.getloadavg())
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -94,6 +111,66 @@ def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
         figures.append((node_id, line))
 
     return add
+
+
+@pytest.fixture
+def record_ratio(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """``record_ratio(figure, spread, comparison=None)`` stores a cost ratio (lower is better)
+    under ``<test id>::<figure>`` in the ratios file the gate reads (``--bench-json``).
+
+    Nothing is stored under ``--benchmark-disable`` (one round measures nothing)."""
+    ratios = request.config.stash[_RATIOS]
+    disabled = bool(request.config.getoption("benchmark_disable", False))
+    node_id = request.node.nodeid
+
+    def record(figure: str, spread: Spread, comparison: Comparison | None = None) -> None:
+        if disabled:
+            return
+        env = environment()
+        entry: dict[str, Any] = {
+            "ratio": round(spread.median, 4),
+            "spread": {k: v for k, v in spread.as_dict().items() if k != "median"},
+            "machine": machine(),
+            "torch": env["torch"],
+            "commit": env["commit"],
+            "load": [round(v, 2) for v in os.getloadavg()],
+        }
+        if comparison is not None:
+            entry["rounds_used"] = len(comparison.used)
+            entry["rounds"] = comparison.rounds
+            entry["contended"] = comparison.contended
+        ratios[f"{node_id}::{figure}"] = entry
+
+    return record
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    ratios = config.stash.get(_RATIOS, {})
+    path = config.getoption("--bench-json", RATIOS_JSON)
+    if not ratios or not path:
+        return
+    env = environment()
+    data = {
+        "schema": 1,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "torch": env["torch"],
+        "torchvision": env["torchvision"],
+        "python": sys.version.split()[0],
+        "commit": env["commit"],
+        "threads": THREADS,
+        "load_at_start": [round(v, 2) for v in config.stash.get(_LOAD, [])],
+        "load_at_end": [round(v, 2) for v in os.getloadavg()],
+        "command": " ".join(["pytest", *config.invocation_params.args]),
+        "benchmarks": dict(sorted(ratios.items())),
+    }
+    out = Path(path)
+    if not out.is_absolute():
+        out = config.invocation_params.dir / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    config.stash[_FIGURES].append(("ratios", f"{len(ratios)} ratios written to {out}"))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks._lib import OPERATIONS, THREADS, build_model, make_input
+from benchmarks.peers import PEERS, memory_operation
 
 
 def _status_kib(field: str) -> int:
@@ -65,7 +66,7 @@ def measure(model_name: str, batch: int, op_name: str, threads: int) -> dict[str
     torch.set_num_threads(threads)
     model = build_model(model_name)
     x = make_input(batch)
-    op = OPERATIONS[op_name]
+    op = OPERATIONS.get(op_name) or memory_operation(op_name)
     op(model, x)  # warm-up
     gc.collect()
     trimmed = _trim_heap()
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--op", choices=sorted(OPERATIONS), required=True)
+    peers = [f"peer-{name}" for name in PEERS]
+    parser.add_argument("--op", choices=sorted(OPERATIONS) + peers, required=True)
     parser.add_argument("--threads", type=int, default=THREADS)
     args = parser.parse_args(argv)
     result = measure(args.model, args.batch, args.op, args.threads)

@@ -31,7 +31,11 @@ TARGET = 1.02
 
 @pytest.mark.parametrize("case", cases(batch=8, quick_batch=2))
 def test_capture_overhead(
-    benchmark: BenchmarkFixture, case: Case, settings: Settings, report: Callable[[str], None]
+    benchmark: BenchmarkFixture,
+    case: Case,
+    settings: Settings,
+    report: Callable[[str], None],
+    record_ratio: Callable[..., None],
 ) -> None:
     model = build_model(case.model)
     x = make_input(case.batch)
@@ -61,6 +65,7 @@ def test_capture_overhead(
         + (" (contended)" if comparison.contended else "")
     )
     report(f"capture/inference {ratio.text()}  target <= {TARGET}")
+    record_ratio("capture/inference", ratio, comparison)
     if case.required and not benchmark.disabled:
         assert ratio.median <= TARGET, (
             f"a forward through the capture hooks on {case.id} takes {ratio.median:.3f}x the "

@@ -35,7 +35,11 @@ TARGET = 1.05
 
 @pytest.mark.parametrize("case", cases(batch=8, quick_batch=2))
 def test_gradcam_latency(
-    benchmark: BenchmarkFixture, case: Case, settings: Settings, report: Callable[[str], None]
+    benchmark: BenchmarkFixture,
+    case: Case,
+    settings: Settings,
+    report: Callable[[str], None],
+    record_ratio: Callable[..., None],
 ) -> None:
     model = build_model(case.model)
     x = make_input(case.batch)
@@ -71,6 +75,7 @@ def test_gradcam_latency(
         + (" (contended)" if comparison.contended else "")
     )
     report(f"gradcam/inference {ratio.text()}  target <= {TARGET}")
+    record_ratio("gradcam/inference", ratio, comparison)
     report(f"naive/inference   {naive.text()}")
     report(f"gradcam_layer_none/inference {default_layer.text()}")
     if case.required and not benchmark.disabled:

@@ -64,7 +64,11 @@ def probe(case: Case, op: str) -> dict[str, Any]:
 )
 @pytest.mark.parametrize("case", cases(batch=32, quick_batch=4))
 def test_gradcam_peak_memory(
-    benchmark: BenchmarkFixture, case: Case, settings: Settings, report: Callable[[str], None]
+    benchmark: BenchmarkFixture,
+    case: Case,
+    settings: Settings,
+    report: Callable[[str], None],
+    record_ratio: Callable[..., None],
 ) -> None:
     results: dict[str, list[dict[str, Any]]] = {op: [] for op in OPERATIONS}
 
@@ -108,6 +112,7 @@ def test_gradcam_peak_memory(
         + ", ".join(f"{op} {Spread.of(g).median:.1f}" for op, g in growth.items())
     )
     report(f"gradcam/inference {ratio.text()}  target <= {TARGET}")
+    record_ratio("peak-memory gradcam/inference", ratio)
     for op, r in others.items():
         report(f"{op}/inference {r.text()}")
     if case.required and not benchmark.disabled:

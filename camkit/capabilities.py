@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .batching import resolve_batch_size
 from .call import Call
 from .capture import hooks_paused
 from .errors import PluginError
@@ -48,8 +49,9 @@ def scorer(call: Call, target: Target) -> Callable[..., Tensor]:
         m = int(batch[0].shape[0])
         _check_index("ctx.score", m, index)
         out = []
+        rows = resolve_batch_size(opts["batch_size"], tuple(t[:1] for t in batch))
         with hooks_paused(), torch.no_grad(), call.autocast():
-            for sl in chunks(m, opts["batch_size"]):
+            for sl in chunks(m, rows):
                 o = call.model(*(t[sl] for t in batch), **call.kwargs)
                 o = scored_output(o, scoring, opts["output"])
                 out.append(scoring.scores(o, index[sl]).detach())
@@ -69,7 +71,8 @@ def recapturer(
         m = int(batch[0].shape[0])
         _check_index("ctx.recapture", m, index)
         acts, grads = [], []
-        for sl in chunks(m, opts["batch_size"]):
+        rows = resolve_batch_size(opts["batch_size"], tuple(t[:1] for t in batch))
+        for sl in chunks(m, rows):
             part = tuple(t[sl] for t in batch)
             sub = dataclasses.replace(call, inputs=part, layers=[layer], target=target)
             with call.autocast():

@@ -18,7 +18,7 @@ COMMON_OPTIONS: Mapping[str, Any] = {
     "relu": True,
     "normalize": True,
     "upsample": "auto",
-    "batch_size": 64,
+    "batch_size": "auto",
     "progress": None,
     "seed": 0,
     "aug_smooth": False,
@@ -63,8 +63,11 @@ def _check_common(opts: Mapping[str, Any]) -> None:
             f"got {up!r}."
         )
     bs = opts["batch_size"]
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise OptionError(f"option 'batch_size' expects a positive int, got {bs!r}.")
+    if bs != "auto" and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+        raise OptionError(
+            f"option 'batch_size' expects 'auto' or a positive int (rows per re-run of the "
+            f"model), got {bs!r}."
+        )
     seed = opts["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
         raise OptionError(

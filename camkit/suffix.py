@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .batching import resolve_batch_size
 from .call import Call
 from .capture import Capture, hooks_paused, output_replaced
 from .errors import CamkitError, CamkitWarning, OptionError, PluginError, user_stacklevel
@@ -249,7 +250,7 @@ def suffix_runner(
                 layer,
                 activations,
                 lambda o, idx: target.scores(scored_output(o, target, opts["output"]), idx),
-                opts["batch_size"],
+                resolve_batch_size(opts["batch_size"], activations.narrow(layout.batch_dim, 0, 1)),
                 layout.batch_dim,
             )
             if primed is not None:

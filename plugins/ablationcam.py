@@ -39,6 +39,7 @@ import torch
 
 import camkit
 from camkit.plugin import progress_bar as bar
+from camkit.plugin import resolve_batch_size
 
 
 class AblationCAM(camkit.Method):
@@ -72,7 +73,7 @@ class AblationCAM(camkit.Method):
         device = a.device
         drops = torch.zeros(n, c, dtype=a.dtype, device=device)
         live = a.flatten(2).ne(0).any(dim=2)  # (N, C): channels that can change the score
-        chunk = ctx.options["batch_size"]
+        chunk = resolve_batch_size(ctx.options["batch_size"], a[:1])
         with bar(int(live.sum()), "ablation-cam", ctx.options) as progress:
             for i in range(n):
                 channels = live[i].nonzero().flatten()

@@ -21,7 +21,8 @@ axiomatic-based explanations", arXiv:2010.03023. Each score is integrated along 
 the zero mask to the full mask, ``(1/n) Σ_{i=1..n} f^c(X ⊙ (i/n) M_k)``; deterministic.
 
 Cost model: ``C`` masked forwards for Score-CAM, ``n_samples * C`` for SS-CAM and IS-CAM, each
-scored through ``ctx.score`` in chunks of ``batch_size``; masks are built chunk by chunk on the
+scored through ``ctx.score`` in chunks of ``batch_size`` (``"auto"``: by device and the size of
+one input row, see :mod:`camkit.batching`); masks are built chunk by chunk on the
 device (never ``N * C`` masked inputs at once). Channels whose normalised mask is all zero (a
 constant activation map) share one score, that of the zero-masked input (with the same noise
 draw for SS-CAM: the noise of draw ``t`` is shared by every channel), computed once and counted
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import camkit
-from camkit.plugin import ClassTarget, upsample
+from camkit.plugin import ClassTarget, resolve_batch_size, upsample
 from camkit.plugin import progress_bar as bar
 
 
@@ -88,7 +89,10 @@ class _MaskScore(camkit.Method):
         probability = ctx.options.get("weights") == "probability"
         target = _probability_target(ctx) if probability else None
         draws = self._draws(ctx)
-        chunk = max(1, min(ctx.options["batch_size"], c))  # never more rows than channels
+        # never more rows than channels
+        chunk = min(
+            resolve_batch_size(ctx.options["batch_size"], (x[:1], *(t[:1] for t in rest))), c
+        )
         flat = a.flatten(2)
         # a constant map (all zeros after ReLU, typically) upsamples to a constant, whose
         # normalised mask is all zero: those channels share the zero-masked input's score

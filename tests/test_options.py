@@ -15,7 +15,7 @@ def test_defaults_are_the_documented_table() -> None:
         "relu": True,
         "normalize": True,
         "upsample": "auto",
-        "batch_size": 64,
+        "batch_size": "auto",
         "progress": None,
         "seed": 0,
         "aug_smooth": False,
@@ -35,7 +35,7 @@ def test_defaults_are_the_documented_table() -> None:
     "given,message",
     [
         ({"relu": 1}, "'relu' expects True or False"),
-        ({"batch_size": 0}, "'batch_size' expects a positive int"),
+        ({"batch_size": 0}, "'batch_size' expects 'auto' or a positive int"),
         ({"seed": 1.5}, "'seed' expects an int"),
         ({"reshape": 3}, "'reshape' expects a callable"),
         ({"model_kwargs": [1]}, "'model_kwargs' expects a mapping"),
