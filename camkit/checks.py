@@ -153,14 +153,20 @@ def check_weights(method: str, w: Any, activations: Tensor) -> None:
         )
 
 
-def check_combined(method: str, raw: Any, activations: Tensor) -> None:
-    """A method's combined map: a finite tensor ``(N, *S)`` for activations ``(N, C, *S)``."""
-    expected = (activations.shape[0], *activations.shape[2:])
-    if not isinstance(raw, Tensor) or tuple(raw.shape) != expected:
+def check_combined(
+    method: str, raw: Any, activations: Tensor, spatial: tuple[int, ...] | None = None
+) -> None:
+    """A method's combined map: a finite tensor ``(N, *S)`` for activations ``(N, C, *S)``, or
+    ``(N, *S_in)`` at the input's spatial size ``spatial`` (black-box methods map the input)."""
+    n = activations.shape[0]
+    expected = (n, *activations.shape[2:])
+    allowed = {expected} if spatial is None else {expected, (n, *spatial)}
+    if not isinstance(raw, Tensor) or tuple(raw.shape) not in allowed:
         got = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
+        also = "" if spatial is None else f" or {(n, *spatial)} (the input's size)"
         raise PluginError(
-            f"method {method!r}: combine returned {got}; expected a map {expected} (one per "
-            f"sample) for activations {tuple(activations.shape)}."
+            f"method {method!r}: combine returned {got}; expected a map {expected}{also} (one "
+            f"per sample) for activations {tuple(activations.shape)}."
         )
     if not raw.is_floating_point():
         raise PluginError(

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from . import augment, cam
 from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
+from .capture import refuse_compiled
 from .checks import check_batched, check_combined, check_weights, warn_blank_maps
 from .errors import InputError, LayerError, OptionError, PluginError
 from .forward import (
@@ -133,6 +134,12 @@ class Explainer:
         """
         # inside torch.inference_mode() (Lightning's test and predict loops) the call leaves it
         # for its own duration, and copies inference tensors so that autograd can use them
+        if torch.is_inference_mode_enabled() and {**self.options, **options}.get("differentiable"):
+            raise InputError(
+                "differentiable=True was asked inside torch.inference_mode(): the maps' graph "
+                "could not reach the caller's tensors, which inference mode keeps out of autograd. "
+                "Call outside torch.inference_mode() (torch.no_grad() is fine)."
+            )
         with outside_inference_mode():
             return self._explain(x, target, options)
 
@@ -159,6 +166,7 @@ class Explainer:
             kwargs = {**{k: normal_tensor(v) for k, v in rest.items()}, **kwargs}
         inputs = check_inputs(x)
         check_batched(model, inputs[0])
+        refuse_compiled(model, "camkit")  # before the layer search runs the model
         call = Call(
             model=runner,
             inputs=inputs,
@@ -389,7 +397,7 @@ def _weights_per_layer(
         w = method.weights(ctx)
         check_weights(method.name, w, activations)
         raw = method.combine(ctx, w)
-        check_combined(method.name, raw, activations)
+        check_combined(method.name, raw, activations, spatial)
         raw = raw if opts["differentiable"] else raw.detach()  # the graph, when asked for
         if opts["relu"]:
             raw = raw.clamp_min(0)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 import camkit
-from camkit.plugin import check_number
+from camkit.plugin import check_number, resolve_batch_size
 from camkit.plugin import progress_bar as bar
 
 
@@ -129,7 +129,7 @@ class Occlusion(camkit.Method):
         baseline = torch.tensor(float(ctx.options["baseline"]), dtype=x.dtype, device=device)
         y = ctx.scores.double()
         drops = torch.zeros(n, math.prod(size), dtype=torch.float64, device=device)
-        chunk = ctx.options["batch_size"]
+        chunk = resolve_batch_size(ctx.options["batch_size"], ctx.inputs[0][:1])
         with bar(n * len(masks), self.name, ctx.options) as progress:
             for start in range(0, len(masks), chunk):
                 covered = masks.chunk(start, chunk)  # (m, *S) bool

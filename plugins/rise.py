@@ -45,6 +45,7 @@ from camkit.plugin import (
     check_choice,
     check_int,
     check_number,
+    resolve_batch_size,
     upsample,
 )
 from camkit.plugin import progress_bar as bar
@@ -133,7 +134,7 @@ class RISE(camkit.Method):
         )
         target = _score_target(ctx)
         saliency = torch.zeros(n, math.prod(size), dtype=torch.float64, device=device)
-        chunk = ctx.options["batch_size"]
+        chunk = resolve_batch_size(ctx.options["batch_size"], ctx.inputs[0][:1])
         with bar(n * count, self.name, ctx.options) as progress:
             for start in range(0, count, chunk):
                 masks = rise_masks(

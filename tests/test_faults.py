@@ -19,13 +19,16 @@ from torch.nn.modules import module as torch_module
 import camkit
 import camkit.cam
 
-METHODS = camkit.list_methods()
+#: every method but LeGrad, which explains vision transformers only (the attention maps of
+#: their blocks): FaultNet is a CNN
+METHODS = [m for m in camkit.list_methods() if m != "legrad"]
 GRADIENT_METHODS = [m for m in METHODS if camkit.default_registry().get(m).needs_gradients]
 #: methods that run the model again after the explained forward (masked, noisy or ablated
 #: copies); every method does under ``aug_smooth``
 LOOP_METHODS = ["ablationcam", "iscam", "scorecam", "smoothgradcampp", "sscam"]
 OPTIONS: dict[str, dict[str, Any]] = {"sscam": {"n_samples": 2}, "iscam": {"n_samples": 2}}
 OPTIONS["smoothgradcampp"] = {"n_samples": 2}
+OPTIONS["occlusion"] = {"patch": 4, "stride": 4}  # the inputs are 8 x 8
 #: the layer each method explains: FullGrad needs a module with a bias
 LAYER = {"fullgrad": "layer.0"}
 #: methods that take no callable target (they build their own from the class)
