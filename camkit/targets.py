@@ -362,7 +362,8 @@ class ProbabilityTarget(LogitsTarget):
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         logits = _logits(output)
-        p = torch.softmax(logits.float(), dim=1)
+        # float32 at least, so that a float64 model keeps float64 scores
+        p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
         classes = self.classes.to(p.device)
         chosen = classes.expand(logits.shape[0]) if classes.numel() == 1 else classes[index]
         return p[torch.arange(p.shape[0], device=p.device), chosen]

@@ -306,24 +306,8 @@ def _score_target(ctx: camkit.Context) -> Any:
             "score='probability' needs class targets (None, an int or one class per sample); "
             f"got a {type(target).__name__}. Use score='target'."
         )
-    assert isinstance(target, ClassTarget)
-    return _Probability(target.classes)
-
-
-class _Probability(ClassTarget):
-    """The softmax probability of each row's class, in the logits' precision (float32 at
-    least)."""
-
-    def scores(self, output: Any, index: Tensor) -> Tensor:
-        if not isinstance(output, Tensor) or output.ndim != 2:
-            raise camkit.TargetError(
-                "score='probability' expects the scored output to be logits (N, K); got "
-                f"{getattr(output, 'shape', type(output).__name__)}. Use score='target'."
-            )
-        p = torch.softmax(output.to(torch.promote_types(output.dtype, torch.float32)), dim=1)
-        classes = self.classes.to(p.device).reshape(-1)
-        chosen = classes.expand(p.shape[0]) if classes.numel() == 1 else classes[index]
-        return p[torch.arange(p.shape[0], device=p.device), chosen]
+    assert isinstance(target, (ClassTarget, ProbabilityTarget))
+    return ProbabilityTarget(target.classes)
 
 
 @camkit.hookimpl

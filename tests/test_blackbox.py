@@ -279,3 +279,34 @@ def test_option_errors() -> None:
             run("occlusion", **opts)
     with pytest.raises(camkit.InputError, match=r"patch \(16, 16\) is larger than the input"):
         run("occlusion")  # the default patch of 16 on an 8 x 8 input
+
+
+def test_a_probability_target_is_scored_as_its_classes() -> None:
+    # score='auto' masks the softmax probability of the class for a class target; a
+    # ProbabilityTarget names that same score, so RISE's maps must be the same
+    torch.manual_seed(0)
+    model = ResidualNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    kwargs = {"method": "rise", "layer": "bn", "n_masks": 16}
+    plain = camkit.explain(model, x, target=[0, 2], **kwargs)
+    prob = camkit.explain(model, x, target=camkit.plugin.ProbabilityTarget([0, 2]), **kwargs)
+    torch.testing.assert_close(prob.maps, plain.maps, rtol=0, atol=0)
+
+
+def test_sess_takes_a_probability_target() -> None:
+    # its base method differentiates the probability instead of the logit, so the maps differ
+    # from a class target's; the patches are scored by the same probability
+    torch.manual_seed(0)
+    model = ResidualNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    target = camkit.plugin.ProbabilityTarget([0, 2])
+    res = camkit.explain(model, x, method="sess", layer="bn", target=target)
+    assert res.maps.shape == (2, 8, 8) and bool(torch.isfinite(res.maps).all())
+    assert float(res.maps.min()) == 0.0 and float(res.maps.max()) == 1.0
+
+
+def test_probability_target_keeps_a_float64_model_s_precision() -> None:
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    p = camkit.plugin.ProbabilityTarget([0, 1, 4]).scores(logits, torch.arange(3))
+    assert p.dtype == torch.float64
+    torch.testing.assert_close(p, torch.softmax(logits, 1)[[0, 1, 2], [0, 1, 4]], rtol=0, atol=0)
