@@ -20,7 +20,9 @@ trained CNN, the constant channels Score-CAM scores once and the time that saves
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -29,6 +31,7 @@ from camkit_plugins.scorecam import ScoreCAM
 from pytest_benchmark.fixture import BenchmarkFixture
 
 import camkit
+import camkit.batching
 from benchmarks._lib import (
     LAYER,
     Settings,
@@ -68,6 +71,24 @@ ONE_PASS = [
 REPORTED = ["shapleycam", "kpcacam", "dff"]
 #: FullGrad differentiates the whole model, to the input and every biased layer: reported on
 #: its own line, at its own layers (its cost is that of a training step's backward).
+
+
+@contextmanager
+def _auto_choices() -> Iterator[Counter[int]]:
+    """Count the rows each ``batch_size="auto"`` resolution chose while the block runs."""
+    chosen: Counter[int] = Counter()
+    rule = camkit.batching.auto_batch_size
+
+    def counted(*args: Any, **kwargs: Any) -> int:
+        rows = rule(*args, **kwargs)
+        chosen[rows] += 1
+        return rows
+
+    camkit.batching.auto_batch_size = counted
+    try:
+        yield chosen
+    finally:
+        camkit.batching.auto_batch_size = rule
 
 
 def _explain(model: torch.nn.Module, x: torch.Tensor, method: str, **options: Any) -> object:
@@ -206,21 +227,23 @@ def test_scorecam_over_inference_on_c_images(
 
     floors = [(f"inference_C_chunk{c}", inference_on_c_images(c)) for c in FLOOR_CHUNKS]
     benchmark.group = "score-cam resnet18-b1"
-    comparison = interleave(
-        benchmark,
-        ("scorecam", lambda: _explain(model, x, "scorecam")),
-        [
-            *floors,
-            ("sscam-n2", lambda: _explain(model, x, "sscam", n_samples=2)),
-            ("iscam-n2", lambda: _explain(model, x, "iscam", n_samples=2)),
-        ],
-        rounds=max(3, settings.rounds // 7),
-        warmup=1,
-        quiet=settings.quiet,
-    )
+    with _auto_choices() as chosen:
+        comparison = interleave(
+            benchmark,
+            ("scorecam", lambda: _explain(model, x, "scorecam")),
+            [
+                *floors,
+                ("sscam-n2", lambda: _explain(model, x, "sscam", n_samples=2)),
+                ("iscam-n2", lambda: _explain(model, x, "iscam", n_samples=2)),
+            ],
+            rounds=max(3, settings.rounds // 7),
+            warmup=1,
+            quiet=settings.quiet,
+        )
     floor = min((name for name, _ in floors), key=lambda n: comparison.seconds(n).median)
+    auto_rows = {str(rows): calls for rows, calls in sorted(chosen.items())}
     benchmark.extra_info.update(
-        **environment(), **comparison.info("scorecam", floor), floor=floor, auto_rows=8
+        **environment(), **comparison.info("scorecam", floor), floor=floor, auto_rows=auto_rows
     )
     constant = int(_constant_channels(model, LAYER, x).sum())
     scorecam = comparison.ratio("scorecam", floor)
@@ -232,7 +255,8 @@ def test_scorecam_over_inference_on_c_images(
     )
     report(
         f"scorecam/{floor} {scorecam.text()}  target <= {SCORECAM_TARGET}; "
-        f"{constant} of {channels} channels constant (scored once)"
+        f"{constant} of {channels} channels constant (scored once); batch_size='auto' chose "
+        + ", ".join(f"{rows} rows in {calls} calls" for rows, calls in auto_rows.items())
     )
     record_ratio("scorecam/inference_on_C_images_best_chunk", scorecam, comparison)
     for name in ("sscam-n2", "iscam-n2"):

@@ -1,18 +1,19 @@
 """``batch_size="auto"``: how many rows a method's re-runs of the model take at a time.
 
 Methods that run the model on copies (Score-CAM's masked inputs, Ablation-CAM's replays,
-smoothing's noisy copies) split them into chunks of ``batch_size`` rows. The maps do not depend
-on the chunk (each row is scored alone); the time and the memory do, and differently by device:
+smoothing's noisy copies) split them into chunks of ``batch_size`` rows. The maps depend on the
+chunk only at float rounding (each row is scored alone); the time and the memory depend on it,
+and differently by device:
 
 - **CPU**: on CPUs the process has to itself, inference per image is fastest in small chunks,
   whose activations stay in the caches: on 2 threads, ResNet-18 on 512 images of 224x224 takes
   6.9 s in chunks of 8 and 10.2 s in chunks of 64. The rule: the largest power of two whose
   rows hold at most :data:`CPU_CHUNK_BYTES` (eight 224x224 RGB images in float32), between 1
-  and :data:`CPU_MAX_ROWS` rows. On oversubscribed CPUs (the 1-minute load average above the
-  number of CPUs, with more than one torch thread), each forward waits at its thread barriers
-  for threads that lost their core, so the fewest calls win: :data:`CPU_MAX_ROWS` rows. Measured
-  on 2 threads at a load of 14 (``python -m benchmarks.chunk_sweep``, figures in
-  ``docs/benchmarks.md``), ResNet-18 took 2.2 times as long in chunks of 8 as in chunks of 64.
+  and :data:`CPU_MAX_ROWS` rows. The rule reads only the rows and the device, never the
+  machine's load: the chunk decides the order of float operations inside each forward, so a
+  chunk chosen by load would make the last bits of a map depend on what else runs. (On CPUs
+  oversubscribed by other processes, larger chunks are faster, ResNet-18 at a load of 14 on
+  2 CPUs took 2.2 times as long in chunks of 8 as in 64; pass ``batch_size=64`` there.)
 - **CUDA**: larger chunks fill the device better. The rule: the largest power of two whose rows,
   each counted :data:`CUDA_ROW_FOOTPRINT` times its own size (the activations a forward keeps
   alive), fit in :data:`CUDA_MEMORY_SHARE` of the free device memory, between 1 and
@@ -23,7 +24,6 @@ An int ``batch_size`` is used as given.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -36,7 +36,6 @@ __all__ = [
     "CUDA_MEMORY_SHARE",
     "CUDA_ROW_FOOTPRINT",
     "auto_batch_size",
-    "cpu_oversubscribed",
     "resolve_batch_size",
 ]
 
@@ -59,16 +58,6 @@ def _power_of_two_at_most(value: float, cap: int) -> int:
     return rows
 
 
-def cpu_oversubscribed() -> bool:
-    """More runnable threads than CPUs (1-minute load average), with several torch threads;
-    ``False`` where the load average is not available."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return False
-    return torch.get_num_threads() > 1 and load > (os.cpu_count() or 1)
-
-
 def auto_batch_size(row: Tensor | Sequence[Tensor], device: torch.device | None = None) -> int:
     """Rows per chunk for re-runs of the model on rows like ``row``.
 
@@ -87,8 +76,6 @@ def auto_batch_size(row: Tensor | Sequence[Tensor], device: torch.device | None 
         free, _total = torch.cuda.mem_get_info(device)
         budget = CUDA_MEMORY_SHARE * free / (CUDA_ROW_FOOTPRINT * nbytes)
         return _power_of_two_at_most(budget, CUDA_MAX_ROWS)
-    if cpu_oversubscribed():
-        return CPU_MAX_ROWS
     return _power_of_two_at_most(CPU_CHUNK_BYTES / nbytes, CPU_MAX_ROWS)
 
 

@@ -169,7 +169,10 @@ def test_torchrun_two_processes_give_the_single_process_table(tmp_path: Path) ->
     single = SCRIPT.run()
     for method in single.methods:
         for metric in single.metrics:
-            assert doc["values"][method][metric] == single.values[method][metric].tolist()
+            assert doc["values"][method][metric] == single.values[method][metric].tolist(), (
+                method,
+                metric,
+            )
     dist_rows = doc["rows"]
     for got, want in zip(dist_rows, single.rows, strict=True):
         for key, value in want.items():
