@@ -97,7 +97,7 @@ class Explainer:
         self.options = resolve_options(
             self.method.name, self.method.options, options, self.method.check_options
         )
-        _check_differentiable(self.method, self.options)
+        _check_differentiable(self.method, self.options, self.registry)
         self.model: nn.Module | None = model
         self.layer = layer
         if layer is not None:
@@ -157,7 +157,7 @@ class Explainer:
             if options
             else self.options
         )
-        _check_differentiable(self.method, opts)
+        _check_differentiable(self.method, opts, self.registry)
         kwargs = {k: normal_tensor(v) for k, v in (opts["model_kwargs"] or {}).items()}
         runner = model
         if isinstance(x, Mapping):  # keyword inputs: the image and its rows' tensors by name
@@ -377,7 +377,11 @@ def _weights_per_layer(
             name, act, grad, opts["reshape"], layout, opts["differentiable"]
         )
         # H A laid out as the gradient is
-        hv = None if hvp is None else prepare_maps(name, act, hvp, opts["reshape"], layout)[1]
+        hv = (
+            None
+            if hvp is None
+            else prepare_maps(name, act, hvp, opts["reshape"], layout, opts["differentiable"])[1]
+        )
         ctx = Context(
             model=call.model,
             inputs=call.inputs,
@@ -459,17 +463,18 @@ def _result(
     )
 
 
-def _check_differentiable(method: Method, opts: Mapping[str, Any]) -> None:
+def _check_differentiable(method: Method, opts: Mapping[str, Any], registry: Registry) -> None:
     """``differentiable=True`` only for methods whose weights keep the graph."""
     if not opts["differentiable"]:
         return
     if not method.differentiable:
+        able = [n for n in registry.names() if registry.get(n).differentiable]
         raise OptionError(
-            "differentiable=True needs a method whose weights come from the layer's activations "
-            f"and gradients in the explained forward; {method.name!r} scores the model again or "
-            "draws its weights, without a graph. Use one of cam, gradcam, gradcampp, xgradcam, "
-            "hirescam, gradcam-elementwise, layercam, eigencam, eigengradcam, or leave "
-            "differentiable out."
+            "differentiable=True needs a method whose weights come from the activations and "
+            f"gradients of the explained forward; {method.name!r} scores the model again, "
+            "draws its weights or computes its map outside the graph, so its map cannot carry "
+            f"one. Use one of {', '.join(able) or 'none registered'}, or leave differentiable "
+            "out."
         )
     if opts["aug_smooth"]:
         raise OptionError(

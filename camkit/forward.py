@@ -111,7 +111,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer afterwards when some module is in training mode."""
+    """Restore every buffer afterwards when some module is in training mode.
+
+    The values are written through ``.data``, which leaves the buffers' version counters
+    alone: the graph of a differentiable call saves batch norms' running statistics, and a
+    counted in-place write would make the caller's backward fail (the values it reads are
+    the ones the forward used: batch statistics in training mode, unchanged ones in eval)."""
     if not any(m.training for m in model.modules()):
         yield
         return
@@ -121,7 +126,7 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for b, v in saved:
-                b.copy_(v)
+                b.data.copy_(v)
 
 
 #: Scale of the scores before a float16 backward, undone on the float32 gradients: small
@@ -153,12 +158,16 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def _hessian_vectors(scores: Tensor, acts: list[Tensor]) -> tuple[list[Tensor | None], ...]:
+def _hessian_vectors(
+    scores: Tensor, acts: list[Tensor], differentiable: bool = False
+) -> tuple[list[Tensor | None], ...]:
     """Gradients ``g`` of the summed scores and Hessian-vector products ``H A``, per layer.
 
     The first backward keeps its graph (``create_graph``), so ``g`` is differentiable with
     respect to the activations ``A``; the second differentiates ``g . A`` (``A`` held fixed),
-    which is ``H A``. Both run from the scores to the layers only.
+    which is ``H A``. Both run from the scores to the layers only. With ``differentiable`` the
+    second backward keeps its graph too, ``A`` included as the vector (a third derivative of
+    the score reaches the map's gradient), and nothing is detached.
     """
     found = torch.autograd.grad(scores.sum(), acts, allow_unused=True, create_graph=True)
     hvps: list[Tensor | None] = []
@@ -166,10 +175,19 @@ def _hessian_vectors(scores: Tensor, acts: list[Tensor]) -> tuple[list[Tensor | 
         hv = None
         if g is not None and g.requires_grad:
             (hv,) = torch.autograd.grad(
-                g, a, grad_outputs=a.detach(), retain_graph=True, allow_unused=True
+                g,
+                a,
+                grad_outputs=a if differentiable else a.detach(),
+                retain_graph=True,
+                allow_unused=True,
+                create_graph=differentiable,
             )
         # no path from the gradient back to A: the score is linear in the layer, H A = 0
-        hvps.append(None if g is None else torch.zeros_like(a) if hv is None else hv.detach())
+        if hv is not None and not differentiable:
+            hv = hv.detach()
+        hvps.append(None if g is None else torch.zeros_like(a) if hv is None else hv)
+    if differentiable:
+        return list(found), hvps
     return [None if g is None else g.detach() for g in found], hvps
 
 
@@ -274,7 +292,10 @@ def captured_forward(
                 "this method differentiates the score with respect to the input, which must be "
                 f"floating point; got {inputs[0].dtype}."
             )
-        inputs = (inputs[0].detach().requires_grad_(True), *inputs[1:])
+        first = inputs[0]
+        if not (differentiable and first.requires_grad):  # a differentiable call keeps the
+            first = first.detach().requires_grad_(True)  # caller's graph to the input
+        inputs = (first, *inputs[1:])
     capture = Capture(
         call.layers,
         needs_gradients=needs_gradients,
@@ -306,10 +327,12 @@ def captured_forward(
             if second_order or input_gradient:
                 _one_target(scores)
             if second_order:
-                found, hvps = _hessian_vectors(scores, acts)
+                found, hvps = _hessian_vectors(scores, acts, differentiable)
             elif input_gradient:
-                *got, input_grad = torch.autograd.grad(scores.sum(), [*acts, inputs[0]])
-                found = [g.detach() for g in got]
+                *got, input_grad = torch.autograd.grad(
+                    scores.sum(), [*acts, inputs[0]], create_graph=differentiable
+                )
+                found = [g if differentiable else g.detach() for g in got]
             else:
                 found = _gradients(scores, acts, create_graph=differentiable)
             for name, g in zip(names, found, strict=True):

@@ -96,10 +96,11 @@ class Method:
             explained forward itself and checks the replay there, which saves one forward
             (see :mod:`camkit.suffix`).
         class_discriminative: the map changes with the target class.
-        differentiable: the weights come from ``ctx.activations`` and ``ctx.gradients`` alone,
-            through differentiable operations, so that ``differentiable=True`` gives maps that
-            carry the autograd graph; methods that run the model again or draw random weights
-            leave it ``False``, and the option refuses them.
+        differentiable: the weights come from ``ctx.activations``, ``ctx.gradients`` and
+            ``ctx.hessian_vector`` (and the model's own parameters, not detached) through
+            differentiable operations, so that ``differentiable=True`` gives maps that carry
+            the autograd graph; methods that run the model again or draw random weights leave
+            it ``False``, and the option refuses them.
         cost: forwards and backwards per sample, in words.
         options: the method's own options and their defaults.
     """

@@ -15,7 +15,9 @@ for Grad-CAM (``base``), with ``p_d`` the softmax probabilities (the weighting o
 implementation) and ``alpha`` the comparison strength (0: the base method on ``y^c``). The score
 is :class:`camkit.targets.FinerTarget`, which works with any method as a target; this method
 wraps the caller's class (``None``: the predicted one) in it and computes the base method's
-weights and map.
+weights and map. Every base is differentiable, so ``differentiable=True`` applies: the
+compared classes are fixed on the explained forward, and the score, the probabilities ``p_d``
+included, keeps its graph.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class FinerCAM(camkit.Method):
     )
     needs_gradients = True
     class_discriminative = True
+    differentiable = True  # every base in BASES is
     cost = "1 forward + 1 backward from the layer (the base method's cost)"
     options = {"base": "gradcam", "alpha": 1.0, "n_compare": 3}
 

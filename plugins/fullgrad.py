@@ -22,6 +22,11 @@ The layers are every ``Conv1d/2d/3d`` and ``BatchNorm1d/2d/3d`` with a bias, fou
 (``needs_input_gradient``). The model's input is the first "layer", named ``""``. The weights of a
 layer are its bias-gradients ``(N, C, *S)`` (the input's, the gradient times the input).
 
+With ``differentiable=True`` the backward keeps its graph (``create_graph``) and the biases
+stay in it, so the map is differentiable with respect to the input and every parameter
+(through the second derivative of the score); ``|.|`` and the min-max rescaling are
+differentiable almost everywhere.
+
 Departures: the upsampling is camkit's bilinear resize (``align_corners=False``; the authors use
 ``True``), and the final map is min-max normalised like every camkit map.
 """
@@ -40,21 +45,24 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def bias_of(module: nn.Module) -> Tensor:
-    """The bias ``(C,)`` a layer adds: a convolution's, or a batch norm's effective one."""
+def bias_of(module: nn.Module, keep_graph: bool = False) -> Tensor:
+    """The bias ``(C,)`` a layer adds: a convolution's, or a batch norm's effective one;
+    detached unless ``keep_graph`` (differentiable maps: the map's gradient reaches it)."""
     if isinstance(module, NORMS):
         assert module.running_mean is not None and module.running_var is not None
         scale = module.weight if module.weight is not None else 1.0
         shift = module.bias if module.bias is not None else 0.0
         std = (module.running_var + module.eps).sqrt()
-        return (shift - scale * module.running_mean / std).detach()
-    bias = getattr(module, "bias", None)
-    if not isinstance(bias, Tensor):
-        raise camkit.LayerError(
-            f"fullgrad uses the bias of each layer; {type(module).__name__} has none. Choose "
-            "convolutions and batch norms with a bias, or leave layer=None."
-        )
-    return bias.detach()
+        bias = shift - scale * module.running_mean / std
+    else:
+        own = getattr(module, "bias", None)
+        if not isinstance(own, Tensor):
+            raise camkit.LayerError(
+                f"fullgrad uses the bias of each layer; {type(module).__name__} has none. "
+                "Choose convolutions and batch norms with a bias, or leave layer=None."
+            )
+        bias = own
+    return bias if keep_graph else bias.detach()
 
 
 def postprocess(values: Tensor) -> Tensor:
@@ -78,6 +86,7 @@ class FullGrad(camkit.Method):
     needs_gradients = True
     needs_input_gradient = True
     class_discriminative = True
+    differentiable = True
     cost = "1 forward from the input + 1 backward to the input and every biased layer"
 
     def layers(self, model: nn.Module) -> list[str] | None:
@@ -98,7 +107,8 @@ class FullGrad(camkit.Method):
         assert ctx.gradients is not None
         if ctx.layer == "":  # the input: gradient times input
             return ctx.gradients * ctx.activations
-        bias = bias_of(ctx.model.get_submodule(ctx.layer)).to(ctx.gradients)
+        module = ctx.model.get_submodule(ctx.layer)
+        bias = bias_of(module, keep_graph=ctx.options["differentiable"]).to(ctx.gradients)
         return ctx.gradients * bias.reshape((1, -1) + (1,) * (ctx.gradients.ndim - 2))
 
     def combine(self, ctx: camkit.Context, weights: Tensor) -> Tensor:

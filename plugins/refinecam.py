@@ -8,8 +8,17 @@ maps are fused by their product,
 .. math:: M = \\prod_l M_l
 
 then normalised again. A position keeps a high value only where every layer agrees, which
-removes the noise of shallow layers' maps while keeping their resolution. As implemented in
-grad-cam 1.5.7 (``pytorch_grad_cam.RefineCAM``), which cites arXiv:2605.14641.
+removes the noise of shallow layers' maps while keeping their resolution.
+
+Domeniconi, Stramiglio, Lombardi & Salti (2026), "How to Evaluate and Refine your CAM",
+arXiv:2605.14641 (University of Bologna), introduce RefineCAM as the aggregation of CAMs
+computed at several layers of one network into a higher-resolution map. The aggregation
+defined here, the product of the min-max normalised per-layer maps, is the one of the authors'
+code (its multiplicative mixer, over maps ordered from coarse to fine), whose example runs it
+with Grad-CAM++ through grad-cam's ``RefineCAM``; the paper's own equations were not available
+to check against, so the method is defined by the equation above. The authors' code also offers
+other mixers (an n-th root of the product, log-sum-exp forms) and an upsampling through the
+effective receptive field; camkit implements the product with bilinear upsampling only.
 
 Cost model: the base method's cost at all layers at once; for a gradient method, one forward
 and one backward from the earliest layer.
@@ -67,7 +76,10 @@ class RefineCAM(camkit.Method):
 
     name = "refinecam"
     aliases = ("refine-cam",)
-    citation = "RefineCAM, arXiv:2605.14641, as implemented in grad-cam 1.5.7"
+    citation = (
+        "Domeniconi, Stramiglio, Lombardi & Salti 2026, How to Evaluate and Refine your CAM "
+        "(arXiv:2605.14641)"
+    )
     needs_gradients = True  # the base method may need them; computed at every layer at once
     class_discriminative = True
     cost = "the base method's, at every layer in one pass (Grad-CAM++: 1 forward + 1 backward)"

@@ -20,6 +20,11 @@ The paper defines the score as the residual softmax target-class utility (ReST),
 target (the class logit) gives the same method on the logit, as other CAM libraries default to.
 Where the part of the model after the layer is piecewise linear in it and the score is a logit,
 ``H A = 0`` and Shapley-CAM is Grad-CAM.
+
+With ``differentiable=True`` both backwards keep their graphs (``create_graph``; ``A`` is the
+vector of the Hessian-vector product with its graph), so the map's gradient involves the
+score's third derivative; the model after the layer must be three times differentiable for it
+to be meaningful (smooth activations: tanh, GELU, SiLU).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class ShapleyCAM(camkit.Method):
     needs_gradients = True
     needs_hessian_vector = True
     class_discriminative = True
+    differentiable = True
     cost = "1 forward + 2 backwards from the layer (gradient, then Hessian-vector product)"
 
     def weights(self, ctx: camkit.Context) -> torch.Tensor:
