@@ -340,7 +340,11 @@ def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed | None]:
     of the model before the layer. The check then runs one forward of a perturbed copy of the
     first sample (its layer output scaled by 1/2, or set to ones where it is all zero) and
     compares its exact score with the replay of that copy, and the replayed scores of the
-    batch with the forward's. Then ``ctx.run_suffix`` needs no check of its own. Where the
+    batch with the forward's. Then ``ctx.run_suffix`` needs no check of its own. A passed check
+    is remembered per model (weakly) and :func:`verdict_key` (layer, input signature, target
+    kind, autocast, the model's modules, modes, parameters and buffers): later calls under the
+    same key skip the perturbed copy's forward and its replay, and compare only the batch's
+    replayed scores with the forward's. Where the
     replay is not exact or raises, the record is not handed on (``None``): ``ctx.run_suffix``
     then checks (and warns) on its own. A failure of the model itself, in the explained forward
     or on the perturbed copy, reaches the caller as it is. With several targets per sample
