@@ -128,6 +128,18 @@ def test_ambiguous_layout_without_a_telling_module_is_refused() -> None:
     assert got.maps.shape == (2, 32, 32)
 
 
+def test_the_layer_search_passes_over_a_layer_whose_layout_is_not_told() -> None:
+    # `act` (a bare GELU) finishes last but fits both layouts: the search takes `stage`, read
+    # channels last, and gives what explaining `stage` gives
+    model = ChannelsLast().eval()
+    got = camkit.explain(model, X32)
+    assert got.layer == "stage"
+    ref = camkit.explain(model, X32, layer="stage")
+    torch.testing.assert_close(got.maps, ref.maps, atol=0, rtol=0)
+    infos = {info.name: info for info in camkit.layers(model, X32)}
+    assert not infos["act"].candidate and infos["stage"].candidate
+
+
 @pytest.mark.slow
 def test_swin_t_at_384_reads_features_1_as_channels_last() -> None:
     tv = pytest.importorskip("torchvision")
