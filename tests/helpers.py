@@ -59,23 +59,26 @@ class MaxPoolHead(nn.Module):
 
 
 class ResidualNet(nn.Module):
-    """conv -> bn -> (+= shortcut, in place) -> ReLU(inplace) -> pool -> fc; BN has statistics."""
+    """conv -> bn -> (+= shortcut, in place) -> ReLU(inplace) -> pool -> fc; BN has statistics.
 
-    def __init__(self, inplace: bool = True, seed: int = 0) -> None:
+    ``width`` channels (8 x 8 inputs): with 8, the bare ReLU's output ``(N, 8, 8, 8)`` fits both
+    channels first and last and is refused; explain ``relu`` with another width."""
+
+    def __init__(self, inplace: bool = True, seed: int = 0, width: int = 8) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.inplace = inplace
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=inplace)
-        self.head = nn.Conv2d(8, 4, 1)
+        self.head = nn.Conv2d(width, 4, 1)
         self.fc = nn.Linear(4 * 16, 3)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            self.bn.running_mean.copy_(torch.randn(8, generator=g) * 0.1)
-            self.bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+            self.bn.running_mean.copy_(torch.randn(width, generator=g) * 0.1)
+            self.bn.running_var.copy_(torch.rand(width, generator=g) + 0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         s = torch.relu(self.stem(x))

@@ -299,8 +299,11 @@ def test_constant_map_warns_with_the_share() -> None:
     class Head(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.layer = nn.Identity()
+            self.layer = nn.AvgPool2d(1)  # the identity, telling channels first
             self.fc = nn.Linear(4, 3)
+            with torch.no_grad():  # sample 0's map is 4 * 0.5 = 2 everywhere, exactly
+                self.fc.weight.fill_(0.5)
+                self.fc.bias.zero_()
 
         def forward(self, x: Tensor) -> Tensor:
             a = self.layer(acts[: x.shape[0]] + 0 * x.mean())

@@ -58,7 +58,9 @@ def _run(model: nn.Module, x: torch.Tensor, layer: str, **options: Any) -> dict[
 @pytest.mark.parametrize("layer", ["bn", "conv", "relu"])
 @pytest.mark.parametrize("batch_size", [64, 5])
 def test_replay_equals_full_reruns_with_inplace_and_residuals(layer: str, batch_size: int) -> None:
-    model = ResidualNet().eval()  # `out += shortcut` in place, ReLU(inplace), functional ops
+    # `out += shortcut` in place, ReLU(inplace), functional ops; 6 channels: at the bare ReLU
+    # (3, 8, 8, 8) would fit both layouts
+    model = ResidualNet(width=6).eval()
     before = snapshot(model)
     seen = _run(model, torch.randn(3, 3, 8, 8), layer, batch_size=batch_size)
     torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-5, atol=1e-5)
