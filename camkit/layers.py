@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .capture import is_compiled, refuse_compiled
 from .errors import LayerError, UnknownLayerError, did_you_mean
 from .inputs import KeywordModel, input_spatial, split_mapping
-from .layout import has_spatial_extent, infer_layout
+from .layout import has_spatial_extent, told_layout
 from .targets import ClassTarget, score_target, select_output
 
 __all__ = [
@@ -77,15 +77,18 @@ class LayerInfo:
     candidate: bool
 
 
-def maps_onto_input(t: Any, input_spatial: tuple[int, ...] | None, batch: int) -> bool:
-    """``t`` has a recognised layout (see :mod:`camkit.layout`) with more than one position."""
+def maps_onto_input(
+    t: Any, input_spatial: tuple[int, ...] | None, batch: int, module: nn.Module | None = None
+) -> bool:
+    """``t`` has a recognised layout (see :mod:`camkit.layout`) with more than one position;
+    a shape that fits both channels first and last only where ``module`` tells which."""
     if not isinstance(t, Tensor) or t.ndim < 3:
         return False
     if batch and t.shape[0] != batch and t.shape[1] != batch:
         return False  # not one row per sample (a detector's proposals, say)
     if input_spatial is None:
         return has_spatial_extent(t)
-    layout = infer_layout(tuple(t.shape), input_spatial, batch)
+    layout = told_layout(tuple(t.shape), input_spatial, batch, module)
     if layout is None:
         return False
     if layout.kind == "tokens":
@@ -95,12 +98,14 @@ def maps_onto_input(t: Any, input_spatial: tuple[int, ...] | None, batch: int) -
     return math.prod(spatial) > 1
 
 
-def fits_input(t: Tensor, input_spatial: tuple[int, ...] | None, batch: int) -> bool:
+def fits_input(
+    t: Tensor, input_spatial: tuple[int, ...] | None, batch: int, module: nn.Module | None = None
+) -> bool:
     """``t``'s spatial size is the input's divided by one stride (tokens, channels last and
-    1D always fit; see :func:`camkit.layout.infer_layout`)."""
+    1D always fit; see :func:`camkit.layout.told_layout`)."""
     if input_spatial is None or len(input_spatial) < 2 or t.ndim != len(input_spatial) + 2:
         return True
-    layout = infer_layout(tuple(t.shape), input_spatial, batch)
+    layout = told_layout(tuple(t.shape), input_spatial, batch, module)
     if layout is None or layout.kind != "channels_first":
         return True
     stride = max(i / s for s, i in zip(t.shape[2:], input_spatial, strict=True))
@@ -219,7 +224,7 @@ def probe(
             return  # another thread's forward, or another probe
         rec = seen.pop(mod, [None, False, 0])  # re-inserted: dict order is finishing order
         rec[0] = tuple(output.shape) if isinstance(output, Tensor) else None
-        rec[1] = maps_onto_input(output, input_spatial, batch)
+        rec[1] = maps_onto_input(output, input_spatial, batch, mod)
         rec[2] += 1
         seen[mod] = rec
 
@@ -314,9 +319,9 @@ def probe_dependence(
             return None
         rec = seen.pop(mod, [None, False, 0, True])
         rec[0] = tuple(output.shape) if isinstance(output, Tensor) else None
-        rec[1] = maps_onto_input(output, input_spatial, batch)
+        rec[1] = maps_onto_input(output, input_spatial, batch, mod)
         rec[2] += 1
-        rec[3] = not rec[1] or fits_input(output, input_spatial, batch)
+        rec[3] = not rec[1] or fits_input(output, input_spatial, batch, mod)
         seen[mod] = rec
         if not (rec[1] and rec[2] == 1 and output.is_floating_point()):
             kept.pop(mod, None)
@@ -339,7 +344,7 @@ def probe_dependence(
                 total = scores.sum()
                 grads = torch.autograd.grad(total, [kept[m] for m in mods], allow_unused=True)
                 for mod, g in zip(mods, grads, strict=True):
-                    reached[mod] = 0 if g is None else _positions(g, input_spatial, batch)
+                    reached[mod] = 0 if g is None else _positions(g, input_spatial, batch, mod)
     finally:
         for h in handles:
             h.remove()
@@ -360,9 +365,11 @@ def probe_dependence(
     ]
 
 
-def _positions(g: Tensor, input_spatial: tuple[int, ...] | None, batch: int) -> int:
+def _positions(
+    g: Tensor, input_spatial: tuple[int, ...] | None, batch: int, module: nn.Module
+) -> int:
     """The most positions of one sample where the gradient ``g`` (a layer's layout) is not 0."""
-    layout = infer_layout(tuple(g.shape), input_spatial, batch) if input_spatial else None
+    layout = told_layout(tuple(g.shape), input_spatial, batch, module) if input_spatial else None
     maps = layout.to_maps(g) if layout is not None else g  # (N, C, *S)
     nonzero = maps.detach().abs().sum(1).flatten(1) != 0  # (N, P)
     return int(nonzero.sum(1).max()) if nonzero.numel() else 0

@@ -10,7 +10,9 @@ other layouts, recognised from the output's shape and the input's spatial size:
   ``h x w`` with ``h * w = T - extra`` and ``h / w`` the input's aspect ratio; sequence-first
   ``(T, N, C)`` tokens are recognised by the batch size.
 
-A layout the rules cannot settle is an error that names the shape and the ``reshape`` option.
+A shape that fits both channels first and channels last is read from the layer's modules
+(:mod:`camkit.channels`), and refused where none tells. A layout the rules cannot settle is an
+error that names the shape and the ``reshape`` option.
 One rule tells where the batch lies in a layer's output (:func:`batch_dim`): dimension 1 for
 sequence-first tokens ``(T, N, C)``, else 0.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "no_extent_error",
     "prepare_maps",
     "target_major",
+    "told_layout",
 ]
 
 #: Leading tokens that may precede the patch tokens (class, distillation, registers).
@@ -175,6 +178,20 @@ def ambiguous(shape: tuple[int, ...], input_spatial: tuple[int, ...]) -> bool:
     )
 
 
+def told_layout(
+    shape: tuple[int, ...], input_spatial: tuple[int, ...], batch: int, module: nn.Module | None
+) -> Layout | None:
+    """:func:`infer_layout`, with a shape that fits both channels first and channels last read
+    from what ``module`` is (:func:`camkit.channels.channels_by_module`); ``None`` where the
+    rules cannot settle it or no module tells."""
+    if ambiguous(shape, input_spatial):
+        said = channels_by_module(module, shape) if module is not None else None
+        if said is None:
+            return None
+        return Layout("channels_last" if said == "last" else "channels_first")
+    return infer_layout(shape, input_spatial, batch)
+
+
 def layout_or_error(
     name: str,
     shape: tuple[int, ...],
@@ -182,27 +199,33 @@ def layout_or_error(
     batch: int,
     module: nn.Module | None = None,
 ) -> Layout:
-    """:func:`infer_layout`, or a :class:`LayerError` naming the shape and the fix.
+    """:func:`told_layout`, or a :class:`LayerError` naming the shape and the fix.
 
-    A shape that fits both channels first and channels last is read from what ``module`` is
-    (:func:`camkit.channels.channels_by_module`); a layer whose modules do not tell keeps
-    channels first.
+    A shape that fits both channels first and channels last is read from what ``module`` is;
+    a layer whose modules do not tell is refused, never guessed.
     """
-    if module is not None and ambiguous(shape, input_spatial):
-        said = channels_by_module(module, shape)
-        if said == "last":
-            return Layout("channels_last")
-        if said == "first":
-            return Layout("channels_first")
-    layout = infer_layout(shape, input_spatial, batch)
-    if layout is None:
+    layout = told_layout(shape, input_spatial, batch, module)
+    if layout is not None:
+        return layout
+    if ambiguous(shape, input_spatial):
+        rank = len(input_spatial)
+        last = ", ".join(map(str, (0, rank + 1, *range(1, rank + 1))))
         raise LayerError(
-            f"layer {name!r} gives an output of shape {shape}, whose layout camkit cannot map "
-            f"onto the input's spatial size {input_spatial}: expected (N, C, *S), (N, *S, C) or "
-            "vision-transformer tokens (N, T, C). Pass reshape=... (a callable turning the "
-            "output into (N, C, *S)), or choose another layer."
+            f"layer {name!r} gives an output of shape {shape}, which fits both channels first "
+            f"(N, C, *S) and channels last (N, *S, C) for the input's spatial size "
+            f"{input_spatial}, and none of its modules tells which (a convolution, norm or "
+            "linear layer of that many channels, a permutation): camkit does not guess. Pass "
+            "reshape=... (a callable turning the output into (N, C, *S): "
+            f"lambda a: a.permute({last}) for channels last, lambda a: a for channels first), "
+            "or choose the layer that computes it (the stage rather than the activation after "
+            "it)."
         )
-    return layout
+    raise LayerError(
+        f"layer {name!r} gives an output of shape {shape}, whose layout camkit cannot map "
+        f"onto the input's spatial size {input_spatial}: expected (N, C, *S), (N, *S, C) or "
+        "vision-transformer tokens (N, T, C). Pass reshape=... (a callable turning the "
+        "output into (N, C, *S)), or choose another layer."
+    )
 
 
 def batch_dim(a: Tensor, batch: int) -> int:

@@ -27,7 +27,9 @@ the prefix and checks the replay itself.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -39,11 +41,17 @@ from .call import Call
 from .capture import Capture, hooks_paused, output_replaced
 from .errors import CamkitError, CamkitWarning, OptionError, PluginError, user_stacklevel
 from .forward import Forward, check_layer_output, detector_transform, missing_layers
+from .layers import target_key
 from .layout import Layout, batch_dim
 from .replay import Primed, Replay, Replays, patched, record_prefix, run_replay, versions
 from .targets import Target, score_target, scored_output
 
-__all__ = ["SuffixRunner", "primed_forward", "suffix_runner"]
+__all__ = ["SuffixRunner", "primed_forward", "suffix_runner", "verdict_key"]
+
+# the replay checks that passed: per model (weakly), per verdict_key, whether the part after
+# the layer writes into the layer's output (copy_layer)
+_VERDICTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, bool]] = weakref.WeakKeyDictionary()
+_VERDICTS_LOCK = threading.Lock()
 
 
 class SuffixRunner:
@@ -262,6 +270,67 @@ def suffix_runner(
     return run_suffix
 
 
+def _signature(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return (tuple(value.shape), value.dtype, value.device)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return type(value)
+
+
+def _state(model: nn.Module) -> Any:
+    """What a change to the model changes: its modules (identity, class, mode, an instance
+    ``forward``), its parameters and buffers (identity, storage, version counter)."""
+    modules = tuple(
+        (id(m), type(m), m.training, id(m.__dict__.get("forward"))) for m in model.modules()
+    )
+    tensors = []
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_inference():  # no version counter: changes cannot be seen
+            return None
+        tensors.append((id(t), t.data_ptr(), t._version))
+    return modules, tuple(tensors)
+
+
+def verdict_key(call: Call, name: str, module: nn.Module) -> Any:
+    """The key of a passed replay check of ``call`` at layer ``name``, or ``None`` where none
+    is kept (a module in training mode, inference-mode parameters)."""
+    model = call.model
+    if any(m.training for m in model.modules()):
+        return None  # batch statistics, dropout: checked on every call
+    state = _state(model)
+    if state is None:
+        return None
+    device = call.inputs[0].device.type
+    return (
+        name,
+        id(module),
+        tuple(_signature(t) for t in call.inputs),
+        tuple(sorted((k, _signature(v)) for k, v in call.kwargs.items())),
+        target_key(call.target, call.options["output"]),
+        (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)),
+        state,
+    )
+
+
+def _verdict(model: nn.Module, key: Any) -> bool | None:
+    """``copy_layer`` of a passed check under ``key``, or ``None``."""
+    if key is None:
+        return None
+    with _VERDICTS_LOCK:
+        return _VERDICTS.get(model, {}).get(key)
+
+
+def _remember(model: nn.Module, key: Any, copy_layer: bool) -> None:
+    if key is None:
+        return
+    with _VERDICTS_LOCK:
+        # one model keeps the verdicts of its latest state only
+        kept = {k: v for k, v in _VERDICTS.get(model, {}).items() if k[-1] == key[-1]}
+        kept[key] = copy_layer
+        _VERDICTS[model] = kept
+
+
 def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed | None]:
     """The explained forward of a method that uses ``ctx.run_suffix``, without gradients, one
     layer: the forward that explains also records the prefix, and the replay is checked.
@@ -271,7 +340,11 @@ def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed | None]:
     of the model before the layer. The check then runs one forward of a perturbed copy of the
     first sample (its layer output scaled by 1/2, or set to ones where it is all zero) and
     compares its exact score with the replay of that copy, and the replayed scores of the
-    batch with the forward's. Then ``ctx.run_suffix`` needs no check of its own. Where the
+    batch with the forward's. Then ``ctx.run_suffix`` needs no check of its own. A passed check
+    is remembered per model (weakly) and :func:`verdict_key` (layer, input signature, target
+    kind, autocast, the model's modules, modes, parameters and buffers): later calls under the
+    same key skip the perturbed copy's forward and its replay, and compare only the batch's
+    replayed scores with the forward's. Where the
     replay is not exact or raises, the record is not handed on (``None``): ``ctx.run_suffix``
     then checks (and warns) on its own. A failure of the model itself, in the explained forward
     or on the perturbed copy, reaches the caller as it is. With several targets per sample
@@ -282,6 +355,8 @@ def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed | None]:
     name, module = call.layers[0]
     m = int(inputs[0].shape[0])
     choice = call.options["output"]
+    key = verdict_key(call, name, module)
+    known = _verdict(model, key)  # copy_layer of a check passed before, or None
     capture = Capture(call.layers[:1], needs_gradients=False, transform=detector_transform(model))
     outputs: list[Any] = []
     with capture:
@@ -302,38 +377,47 @@ def primed_forward(call: Call, index: Tensor) -> tuple[Forward, Primed | None]:
         geometry=capture.geometry,
     )
     bd = batch_dim(act, m)
-    own = act.select(bd, 0).clone()
-    if bool(own.ne(0).any()):
-        own.mul_(0.5)
-    else:
-        own.fill_(1.0)
-    own = own.unsqueeze(bd)
-    # the exact score of the perturbed copy: one forward of the first sample
-    with hooks_paused(), torch.no_grad(), output_replaced(module, own):
-        first = model(*(t[:1] for t in inputs), **kwargs)
-    exact = target.scores(scored_output(first, target, choice), index[:1]).detach()
+    reference, got = forward.scores, []
+    if known is None:
+        own = act.select(bd, 0).clone()
+        if bool(own.ne(0).any()):
+            own.mul_(0.5)
+        else:
+            own.fill_(1.0)
+        own = own.unsqueeze(bd)
+        # the exact score of the perturbed copy: one forward of the first sample
+        with hooks_paused(), torch.no_grad(), output_replaced(module, own):
+            first = model(*(t[:1] for t in inputs), **kwargs)
+        exact = target.scores(scored_output(first, target, choice), index[:1]).detach()
+        reference = torch.cat([exact, forward.scores])
     replays = Replays(model, inputs, dict(kwargs), module, act, recorded, bd)
     try:
         raw = replays.output(act, index)
         if replays.written():
             return forward, None
         again = target.scores(scored_output(raw, target, choice), index).detach()
-        version = own._version
-        fast = target.scores(
-            scored_output(replays.output(own, index[:1]), target, choice), index[:1]
-        ).detach()
-        copy_layer = own._version != version
-        if replays.written():
-            return forward, None
+        copy_layer = known
+        if known is None:
+            version = own._version
+            fast = target.scores(
+                scored_output(replays.output(own, index[:1]), target, choice), index[:1]
+            ).detach()
+            copy_layer = own._version != version
+            got.append(fast)
+            if replays.written():
+                return forward, None
     except CamkitError:
         raise  # the caller's mistake (a target, an option), not the replay's
     except Exception:  # not replayable: run_suffix's own check decides, and warns
         return forward, None
-    reference = torch.cat([exact, forward.scores])
-    got = torch.cat([fast, again])
+    got.append(again)
+    replayed = torch.cat(got)
     tol = 1e-4 * max(1.0, float(reference.abs().max()))
-    if got.shape != reference.shape or not bool(torch.isfinite(got).all()):
+    if replayed.shape != reference.shape or not bool(torch.isfinite(replayed).all()):
         return forward, None
-    if float((got - reference).abs().max()) > tol:
+    if float((replayed - reference).abs().max()) > tol:
         return forward, None
+    assert copy_layer is not None
+    if known is None:
+        _remember(model, key, copy_layer)
     return forward, Primed(recorded, copy_layer)

@@ -10,10 +10,11 @@ with ``y`` the score and ``y_k`` the score with activation map ``k`` set to zero
 
 Cost model: the ablated copies go through ``ctx.run_suffix``, which runs the part of the model
 before the layer once and only the part after it per copy (``batch_size - 1`` copies at a
-time); ``uses_run_suffix`` lets the explained forward record that part and check the replay,
-so at the last block the cost is one and a half to two and a half inferences (the check's
-forward of one row weighs most for a batch of one) whatever the number of channels; at an
-early layer the suffix is most of the model and the cost approaches ``C`` forwards. Channels
+time); ``uses_run_suffix`` lets the explained forward record that part and check the replay
+(the check's forward of one perturbed row runs on the first call per model and input
+signature; a passed check is remembered), so at the last block the cost is about one and a
+half inferences whatever the number of channels; at an early layer the suffix is most of the
+model and the cost approaches ``C`` forwards. Channels
 whose activations are all zero cannot change the score when zeroed: their weight is exactly 0
 and they are not run.
 
@@ -55,9 +56,9 @@ class AblationCAM(camkit.Method):
     uses_run_suffix = True
     class_discriminative = True
     cost = (
-        "1 forward (explained, recording the prefix) + 1 forward of one checked copy + C ablated "
-        "copies through the part after "
-        "the layer"
+        "1 forward (explained, recording the prefix) + C ablated copies through the part after "
+        "the layer; the first call per model and input signature also 1 forward of one checked "
+        "copy"
     )
     options = {"denominator": "abs"}
 

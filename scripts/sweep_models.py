@@ -188,7 +188,7 @@ CASES: list[Case] = [
     Case("hf-segformer", "transformers", "Segformer",
          _hf("SegformerForSemanticSegmentation", "SegformerConfig",
              hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
-             num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16, num_labels=5), 64,
+             num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=12, num_labels=5), 64,
          "decode_head.activation", target=_segformer_target),
     Case("hf-detr", "transformers", "DETR (backbone)",
          lambda: _detr(), 128, "model.backbone.model.encoder.stages.3", target=_detr_target),

@@ -11,14 +11,21 @@ torch.set_num_threads(2)
 
 
 class Fixed(nn.Module):
-    """Ignores its input's values and returns a fixed activation batch (known A)."""
+    """Ignores its input's values and returns a fixed activation batch (known A), channels
+    first ``(N, C, *S)``: it ends in an adaptive average pool to its own spatial size (each
+    output the mean of one value: A exactly), which tells camkit the layout where the shape
+    fits both channels first and last (``(N, 2, 2, 2)`` for a 2 x 2 input)."""
 
     def __init__(self, activations: Tensor) -> None:
         super().__init__()
         self.register_buffer("a", activations)
+        pools = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+        rank = activations.ndim - 2
+        self.keep = pools[rank](tuple(activations.shape[2:])) if rank in pools else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.a[: x.shape[0]] + 0 * x.sum()
+        out: Tensor = self.keep(self.a[: x.shape[0]]) + 0 * x.sum()
+        return out
 
 
 class FlattenHead(nn.Module):
@@ -52,23 +59,26 @@ class MaxPoolHead(nn.Module):
 
 
 class ResidualNet(nn.Module):
-    """conv -> bn -> (+= shortcut, in place) -> ReLU(inplace) -> pool -> fc; BN has statistics."""
+    """conv -> bn -> (+= shortcut, in place) -> ReLU(inplace) -> pool -> fc; BN has statistics.
 
-    def __init__(self, inplace: bool = True, seed: int = 0) -> None:
+    ``width`` channels (8 x 8 inputs): with 8, the bare ReLU's output ``(N, 8, 8, 8)`` fits both
+    channels first and last and is refused; explain ``relu`` with another width."""
+
+    def __init__(self, inplace: bool = True, seed: int = 0, width: int = 8) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.inplace = inplace
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=inplace)
-        self.head = nn.Conv2d(8, 4, 1)
+        self.head = nn.Conv2d(width, 4, 1)
         self.fc = nn.Linear(4 * 16, 3)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            self.bn.running_mean.copy_(torch.randn(8, generator=g) * 0.1)
-            self.bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+            self.bn.running_mean.copy_(torch.randn(width, generator=g) * 0.1)
+            self.bn.running_var.copy_(torch.rand(width, generator=g) + 0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         s = torch.relu(self.stem(x))
@@ -148,12 +158,14 @@ class SquareHead(nn.Module):
 
     The score is ``sum W[c] * A**2``, so the gradient ``2 W[c] * A`` follows the input: noisy
     copies of a sample get different gradients (Smooth Grad-CAM++), and every row is computed on
-    its own, so batches of copies give bit-identical gradients.
+    its own, so batches of copies give bit-identical gradients. The layer is a 1 x 1 average
+    pool, the identity on ``(N, C, H, W)`` that tells camkit the layout is channels first
+    (inputs ``(N, 2, 2, 2)`` fit both).
     """
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        self.layer = nn.Identity()
+        self.layer = nn.AvgPool2d(1)
         self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         with torch.no_grad():
             self.fc.weight.copy_(weight)

@@ -19,18 +19,24 @@ from torch.nn.modules import module as torch_module
 import camkit
 import camkit.cam
 
-#: every method but LeGrad, which explains vision transformers only (the attention maps of
-#: their blocks): FaultNet is a CNN
-METHODS = [m for m in camkit.list_methods() if m != "legrad"]
-GRADIENT_METHODS = [m for m in METHODS if camkit.default_registry().get(m).needs_gradients]
+tv = pytest.importorskip("torchvision.models")
+
+#: every method; LeGrad, which explains vision transformers only (the attention maps of their
+#: blocks), on FaultViT, the others on FaultNet (a CNN)
+METHODS = camkit.list_methods()
+VIT_METHODS = {"legrad"}
+#: methods that differentiate: LeGrad takes its own gradients, per block
+GRADIENT_METHODS = [
+    m for m in METHODS if camkit.default_registry().get(m).needs_gradients or m in VIT_METHODS
+]
 #: methods that run the model again after the explained forward (masked, noisy or ablated
-#: copies); every method does under ``aug_smooth``
-LOOP_METHODS = ["ablationcam", "iscam", "scorecam", "smoothgradcampp", "sscam"]
+#: copies, LeGrad's recording forward); every method does under ``aug_smooth``
+LOOP_METHODS = ["ablationcam", "iscam", "legrad", "scorecam", "smoothgradcampp", "sscam"]
 OPTIONS: dict[str, dict[str, Any]] = {"sscam": {"n_samples": 2}, "iscam": {"n_samples": 2}}
 OPTIONS["smoothgradcampp"] = {"n_samples": 2}
 OPTIONS["occlusion"] = {"patch": 4, "stride": 4}  # the inputs are 8 x 8
-#: the layer each method explains: FullGrad needs a module with a bias
-LAYER = {"fullgrad": "layer.0"}
+#: the layer each method explains: FullGrad needs a module with a bias; LeGrad a block's tokens
+LAYER = {"fullgrad": "layer.0", "legrad": "encoder.layers.encoder_layer_1"}
 #: methods that take no callable target (they build their own from the class)
 NO_CALLABLE_TARGET = {"finercam"}
 
@@ -105,6 +111,36 @@ class FaultNet(nn.Module):
         return out
 
 
+class FaultViT(tv.VisionTransformer):  # type: ignore[misc]
+    """torchvision's ViT (2 blocks, 8 x 8 inputs in 2 x 2 patches): ``before`` after the patch
+    projection, ``after`` first in the head, the same faults as :class:`FaultNet`'s."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            image_size=8, patch_size=2, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16,
+            num_classes=5,
+        )  # fmt: skip
+        self.conv_proj = nn.Sequential(self.conv_proj, Fault())
+        self.heads = nn.Sequential(Fault(), nn.Linear(8, 5))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # torchvision's head starts at zero: every score would be 0
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        # state a call must keep: a frozen parameter and an accumulated gradient
+        self.conv_proj[0].bias.requires_grad_(False)
+        self.heads[1].weight.grad = torch.full_like(self.heads[1].weight, 0.25)
+
+    @property
+    def before(self) -> Fault:
+        fault: Fault = self.conv_proj[1]
+        return fault
+
+    @property
+    def after(self) -> Fault:
+        fault: Fault = self.heads[0]
+        return fault
+
+
 def _global_hooks() -> tuple[int, ...]:
     return tuple(
         len(getattr(torch_module, name, {}))
@@ -140,8 +176,11 @@ def _expect_fault(model: FaultNet, run: Any, raised: list[BaseException]) -> Non
 
 
 @pytest.fixture
-def model() -> Iterator[FaultNet]:
-    net = FaultNet().eval()
+def model(request: pytest.FixtureRequest) -> Iterator[FaultNet]:
+    """FaultNet, or FaultViT for the methods that explain vision transformers only."""
+    method = getattr(request.node, "callspec", None)
+    vit = method is not None and method.params.get("method") in VIT_METHODS
+    net = FaultViT().eval() if vit else FaultNet().eval()
     yield net
 
 
@@ -254,11 +293,35 @@ def test_fault_in_train_mode_keeps_batch_norm_statistics(model: FaultNet, method
     _expect_fault(model, lambda: _explain(model, method), model.after.raised)
 
 
-def test_no_fault_leaves_the_model_as_it_was(model: FaultNet) -> None:
-    """The control: every method succeeds on this model, and leaves it as it was."""
+@pytest.mark.parametrize("vit", [False, True], ids=["cnn", "vit"])
+def test_no_fault_leaves_the_model_as_it_was(vit: bool) -> None:
+    """The control: every method succeeds on its model, and leaves it as it was."""
+    model = FaultViT().eval() if vit else FaultNet().eval()
     before = snapshot(model)
     for method in METHODS:
+        if (method in VIT_METHODS) != vit:
+            continue
         layer = LAYER.get(method, "layer")
         res = camkit.explain(model, X, method=method, layer=layer, **OPTIONS.get(method, {}))
         assert res.maps.shape == (2, 8, 8) and bool(torch.isfinite(res.maps).all())
+        assert float(res.maps.amax()) > 0
     assert_unchanged(before, model)
+
+
+def test_legrad_runs_the_head_once_per_block_after_recording() -> None:
+    """What the next test injects into: the head runs for the explained forward, LeGrad's
+    recording forward, then once per block (2 blocks)."""
+    model = FaultViT().eval()
+    camkit.explain(model, X, method="legrad", layer=LAYER["legrad"])
+    assert model.after.calls == 1 + 1 + 2
+
+
+@pytest.mark.parametrize("call", [2, 3, 4], ids=["recording", "block-0", "block-1"])
+def test_fault_inside_legrad_per_block_runs(call: int) -> None:
+    """The head fails on LeGrad's recording forward or while a block is run again, with
+    LeGrad's own hooks on the blocks and the attention modules (the backward of a block run:
+    ``test_fault_in_gradient[legrad]``)."""
+    model = FaultViT().eval()
+    model.after.fail_from = call
+    _expect_fault(model, lambda: _explain(model, "legrad"), model.after.raised)
+    assert model.after.calls == call

@@ -87,8 +87,12 @@ class ChannelsFirstTwin(ChannelsLast):
 
 
 class ToChannelsFirst(nn.Module):
+    """A permutation that says what it does (``dims``, as torchvision's ``Permute``)."""
+
+    dims = (0, 3, 1, 2)
+
     def forward(self, a: Tensor) -> Tensor:
-        return a.permute(0, 3, 1, 2)
+        return a.permute(*self.dims)
 
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -117,16 +121,23 @@ def test_ambiguous_channels_first_is_read_by_the_module() -> None:
     torch.testing.assert_close(got.maps, ref.maps, atol=0, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a layer whose own modules do not tell its layout (a bare activation) is still read "
-    "channels first, not refused",
-)
 def test_ambiguous_layout_without_a_telling_module_is_refused() -> None:
     with pytest.raises(camkit.LayerError, match=r"(?s)'act'.*\(2, 8, 8, 8\).*reshape"):
         camkit.explain(ChannelsLast(), X32, layer="act")
     got = camkit.explain(ChannelsLast(), X32, layer="act", reshape=_channels_last)
     assert got.maps.shape == (2, 32, 32)
+
+
+def test_the_layer_search_passes_over_a_layer_whose_layout_is_not_told() -> None:
+    # `act` (a bare GELU) finishes last but fits both layouts: the search takes `stage`, read
+    # channels last, and gives what explaining `stage` gives
+    model = ChannelsLast().eval()
+    got = camkit.explain(model, X32)
+    assert got.layer == "stage"
+    ref = camkit.explain(model, X32, layer="stage")
+    torch.testing.assert_close(got.maps, ref.maps, atol=0, rtol=0)
+    infos = {info.name: info for info in camkit.layers(model, X32)}
+    assert not infos["act"].candidate and infos["stage"].candidate
 
 
 @pytest.mark.slow
@@ -288,8 +299,11 @@ def test_constant_map_warns_with_the_share() -> None:
     class Head(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.layer = nn.Identity()
+            self.layer = nn.AvgPool2d(1)  # the identity, telling channels first
             self.fc = nn.Linear(4, 3)
+            with torch.no_grad():  # sample 0's map is 4 * 0.5 = 2 everywhere, exactly
+                self.fc.weight.fill_(0.5)
+                self.fc.bias.zero_()
 
         def forward(self, x: Tensor) -> Tensor:
             a = self.layer(acts[: x.shape[0]] + 0 * x.mean())

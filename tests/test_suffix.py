@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from typing import Any, ClassVar
 
 import pytest
@@ -56,7 +58,9 @@ def _run(model: nn.Module, x: torch.Tensor, layer: str, **options: Any) -> dict[
 @pytest.mark.parametrize("layer", ["bn", "conv", "relu"])
 @pytest.mark.parametrize("batch_size", [64, 5])
 def test_replay_equals_full_reruns_with_inplace_and_residuals(layer: str, batch_size: int) -> None:
-    model = ResidualNet().eval()  # `out += shortcut` in place, ReLU(inplace), functional ops
+    # `out += shortcut` in place, ReLU(inplace), functional ops; 6 channels: at the bare ReLU
+    # (3, 8, 8, 8) would fit both layouts
+    model = ResidualNet(width=6).eval()
     before = snapshot(model)
     seen = _run(model, torch.randn(3, 3, 8, 8), layer, batch_size=batch_size)
     torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-5, atol=1e-5)
@@ -310,8 +314,8 @@ class TwoForwards(camkit.Method):
 @pytest.mark.parametrize("model_cls", [Counting, RewritesThePrefix])
 def test_ablationcam_records_in_the_explained_forward(model_cls: type[nn.Module]) -> None:
     # a method that declares uses_run_suffix gets the record from the explained forward: the
-    # prefix computes on the batch once (and on the one checked copy), where otherwise it
-    # computes on the batch twice, for the same maps
+    # prefix computes on the batch once (the replay's check passed on the first call and is
+    # remembered), where otherwise it computes on the batch twice, for the same maps
     torch.manual_seed(0)
     model = model_cls().eval()
     x = torch.randn(3, 3, 6, 6)
@@ -324,13 +328,109 @@ def test_ablationcam_records_in_the_explained_forward(model_cls: type[nn.Module]
     if isinstance(model, Counting):
         model.stem.runs = model.stem.rows = 0
         camkit.explain(model, x, method="ablationcam", layer="layer", target=[0, 1, 0])
-        assert (model.stem.runs, model.stem.rows) == (2, 3 + 1)  # the batch, the checked copy
+        assert (model.stem.runs, model.stem.rows) == (1, 3)  # the batch
         model.stem.runs = model.stem.rows = 0
         camkit.explain(model, x, method=TwoForwards(), layer="layer", target=[0, 1, 0])
         assert (model.stem.runs, model.stem.rows) == (2, 3 + 3)  # the batch, twice
     assert_unchanged(before, model)
     assert hook_count(model) == 0
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+class CountingHead(Counting):
+    """:class:`Counting` that also counts the calls of the part after the layer (``fc``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_calls = 0
+        self.fc.register_forward_hook(
+            lambda m, a, o: setattr(self, "head_calls", 1 + self.head_calls)
+        )
+
+    def counts(self) -> tuple[int, int, int]:
+        got = (self.stem.runs, self.stem.rows, self.head_calls)
+        self.stem.runs = self.stem.rows = self.head_calls = 0
+        return got
+
+
+def _ablate(model: nn.Module, x: torch.Tensor) -> camkit.CamResult:
+    return camkit.explain(model, x, method="ablationcam", layer="layer", batch_size=7)
+
+
+def test_ablationcam_checks_the_replay_once_per_model_and_input_signature() -> None:
+    # full forwards (the prefix computing) and calls of the head: the first call per model and
+    # input signature runs the checked copy's forward of one row (1 more full forward, 1 more
+    # row) and its replay (the head twice more); later calls only the explained forward, the
+    # replay of the batch and the ablated copies (6 channels, batch_size 7: 1 replay a sample)
+    torch.manual_seed(0)
+    model = CountingHead().eval()
+    x = torch.randn(3, 3, 6, 6)
+    first = _ablate(model, x)
+    assert model.counts() == (2, 3 + 1, 1 + 1 + 1 + 1 + 3)
+    for _ in range(3):
+        res = _ablate(model, x)
+        assert model.counts() == (1, 3, 1 + 1 + 3)
+        assert torch.equal(res.weights, first.weights)
+        assert torch.equal(res.scores, first.scores)
+    # another input signature (spatial size, batch size, dtype) is checked once again
+    _ablate(model, torch.randn(3, 3, 8, 8))
+    assert model.counts() == (2, 4, 7)
+    _ablate(model, torch.randn(2, 3, 6, 6))
+    assert model.counts() == (2, 3, 6)
+    _ablate(model, x)
+    assert model.counts() == (1, 3, 5)  # the earlier signatures are still remembered
+
+
+def test_the_remembered_check_is_forgotten_when_the_model_changes() -> None:
+    torch.manual_seed(0)
+    model = CountingHead().eval()
+    x = torch.randn(3, 3, 6, 6)
+    _ablate(model, x)
+    _ablate(model, x)
+    assert model.counts()[:2] == (3, 7)  # checked once
+    model.load_state_dict(CountingHead().state_dict())  # new weights: checked again
+    _ablate(model, x)
+    _ablate(model, x)
+    assert model.counts()[:2] == (3, 7)
+    with torch.no_grad():
+        model.fc.weight.mul_(2)  # an in-place update (an optimiser's step)
+    _ablate(model, x)
+    assert model.counts()[:2] == (2, 4)
+    model.layer = nn.Conv2d(4, 6, 3, padding=1).eval()  # a module replaced
+    _ablate(model, x)
+    assert model.counts()[:2] == (2, 4)
+    model.stem.conv.forward = model.stem.conv.forward  # type: ignore[method-assign]
+    _ablate(model, x)  # an instance forward set on a module
+    assert model.counts()[:2] == (2, 4)
+    del model.stem.conv.forward
+    _ablate(model, x)
+    assert model.counts()[:2] == (2, 4)
+    model.train()
+    _ablate(model, x)
+    _ablate(model, x)  # in training mode every call checks
+    assert model.counts()[:2] == (4, 8)
+    model.eval()
+    _ablate(model, x)
+    assert model.counts()[:2] == (1, 3)  # back in eval mode: remembered for this state
+
+
+def test_a_failed_replay_check_is_not_remembered() -> None:
+    # a model whose replay is not exact falls back on every call, with its warning each time
+    torch.manual_seed(0)
+    model = SideEffect().eval()
+    x = torch.randn(3, 3, 6, 6)
+    for _ in range(2):
+        with pytest.warns(camkit.CamkitWarning, match="Falling back"):
+            camkit.explain(model, x, method="ablationcam", layer="layer")
+
+
+def test_the_remembered_check_does_not_keep_the_model_alive() -> None:
+    model = CountingHead().eval()
+    _ablate(model, torch.randn(3, 3, 6, 6))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_ablationcam_with_several_targets_matches_one_target_at_a_time() -> None:
