@@ -54,7 +54,7 @@ class Case:
     key: str
     library: str
     family: str
-    build: Callable[[], nn.Module]
+    build: Builder
     size: int
     layer: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -63,17 +63,29 @@ class Case:
     slow: bool = False
 
 
-def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+@dataclass(frozen=True)
+class Builder:
+    """Builds a case's model; ``name``: what it is built from (a timm model name, a
+    transformers configuration class), shown in the table."""
+
+    name: str
+    fn: Callable[[], nn.Module]
+
+    def __call__(self) -> nn.Module:
+        return self.fn()
+
+
+def _timm(name: str, **kwargs: Any) -> Builder:
     def build() -> nn.Module:
         import timm
 
         model: nn.Module = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
         return model
 
-    return build
+    return Builder(name, build)
 
 
-def _hf(model_cls: str, config_cls: str, **kwargs: Any) -> Callable[[], nn.Module]:
+def _hf(model_cls: str, config_cls: str, **kwargs: Any) -> Builder:
     def build() -> nn.Module:
         import transformers
 
@@ -81,7 +93,7 @@ def _hf(model_cls: str, config_cls: str, **kwargs: Any) -> Callable[[], nn.Modul
         model: nn.Module = getattr(transformers, model_cls)(config)
         return model
 
-    return build
+    return Builder(config_cls, build)
 
 
 _VIT_TIMM = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -192,7 +204,8 @@ CASES: list[Case] = [
              num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16, num_labels=5), 64,
          "decode_head.activation", target=_segformer_target),
     Case("hf-detr", "transformers", "DETR (backbone)",
-         lambda: _detr(), 128, "model.backbone.model.encoder.stages.3", target=_detr_target),
+         Builder("DetrConfig", lambda: _detr()), 128, "model.backbone.model.encoder.stages.3",
+         target=_detr_target),
 ]  # fmt: skip
 
 
@@ -324,6 +337,7 @@ class Row:
     library: str
     family: str
     model: str = ""
+    built_from: str = ""
     size: int = 0
     layer: str = ""
     grid: str = ""
@@ -339,7 +353,7 @@ class Row:
 
 def run_case(case: Case) -> Row:
     """Build, explain and check one case (see the module docstring)."""
-    row = Row(case.key, case.library, case.family, size=case.size)
+    row = Row(case.key, case.library, case.family, built_from=case.build.name, size=case.size)
     start = time.perf_counter()
     try:
         model = build(case)
@@ -382,13 +396,14 @@ def check(res: Any, case: Case, row: Row) -> str:
 def table(rows: Sequence[Row]) -> str:
     """The Markdown table of ``rows``."""
     lines = [
-        "| case | library | family | model class | input | layer chosen | grid | positions "
-        "reached (gradient / ablation) | result | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | library | family | built from | model class | input | layer chosen | grid | "
+        "positions reached (gradient / ablation) | result | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| `{r.key}` | {r.library} | {r.family} | `{r.model}` | {r.size} | `{r.layer}` | "
+            f"| `{r.key}` | {r.library} | {r.family} | `{r.built_from}` | `{r.model}` | {r.size} "
+            f"| `{r.layer}` | "
             f"{r.grid} | {r.gradient:.0%} / {r.ablation:.0%} | {r.result} | {r.seconds:.1f} |"
         )
     return "\n".join(lines)
