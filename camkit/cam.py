@@ -121,8 +121,9 @@ def normalize(maps: Tensor) -> Tensor:
 def upsample(maps: Tensor, size: Sequence[int], mode: str | None) -> Tensor:
     """Resize ``maps`` ``(N, *S)`` to ``size``; ``mode`` ``"auto"`` picks (bi/tri)linear by rank.
 
-    Maps already of that size, and ``mode=None``, are returned as they are. Modes that can
-    overshoot (bicubic) are clamped back to the input's range.
+    Maps already of that size, and ``mode=None``, are returned as they are. Each sample is
+    clamped to its own range: bicubic overshoots, and interpolation weights round (a constant
+    map stays exactly constant).
     """
     size = tuple(int(s) for s in size)
     if mode is None or tuple(maps.shape[1:]) == size:
@@ -134,9 +135,12 @@ def upsample(maps: Tensor, size: Sequence[int], mode: str | None) -> Tensor:
         {"align_corners": False} if mode in ("linear", "bilinear", "bicubic", "trilinear") else {}
     )
     out = F.interpolate(maps.unsqueeze(1), size=size, mode=mode, **kwargs).squeeze(1)
-    if mode == "bicubic":
-        out = out.clamp(float(maps.min()), float(maps.max()))
-    return out
+    # each sample within its own range: bicubic overshoots, and (bi/tri)linear weights round,
+    # which would turn a constant map into rounding noise that normalising blows up to [0, 1]
+    shape = (-1,) + (1,) * rank
+    lo = maps.flatten(1).amin(1).reshape(shape)
+    hi = maps.flatten(1).amax(1).reshape(shape)
+    return torch.minimum(torch.maximum(out, lo), hi)
 
 
 def fuse_mean(maps: Sequence[Tensor]) -> Tensor:

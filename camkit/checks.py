@@ -27,6 +27,7 @@ from .errors import (
 )
 
 __all__ = [
+    "SAME_POSITIONS_ULPS",
     "as_class_tensor",
     "check_batched",
     "check_class_range",
@@ -181,6 +182,11 @@ def check_combined(
         )
 
 
+#: positions whose activations differ by at most this many ulps of the largest activation
+#: count as the same position (float rounding)
+SAME_POSITIONS_ULPS = 64
+
+
 def warn_blank_maps(
     layer: str, raw: Tensor, activations: Tensor, gradients: Tensor | None, relu: bool
 ) -> None:
@@ -206,6 +212,17 @@ def warn_blank_maps(
         else torch.zeros_like(blank)
     )
     constant = still & ~zero_grad
+    # positions whose channel vectors agree to float rounding: no channel weighting can tell
+    # them apart (a token mixer that averages every token, a random-init model without
+    # positional terms), whatever the weights; only for maps on the layer's grid (a black-box
+    # method's map of the input is no weighting of the layer's channels)
+    on_grid = tuple(raw.shape[1:]) == tuple(activations.shape[2:])
+    flat_a = activations.flatten(2)  # (N, C, P)
+    spread = (flat_a.amax(2) - flat_a.amin(2)).amax(1)  # (N,)
+    scale = flat_a.abs().flatten(1).amax(1)
+    tol = SAME_POSITIONS_ULPS * torch.finfo(activations.dtype).eps
+    same = constant & (spread <= tol * scale) & on_grid
+    constant = constant & ~same
     reasons = []
     if bool(dead.any()):
         reasons.append(
@@ -219,6 +236,17 @@ def warn_blank_maps(
             f"{n} samples: the score does not depend on this layer (a vision transformer's "
             "final norm feeds only the class token; a zero-initialised head). Choose a layer "
             "on the path to the score, or a trained model"
+        )
+    if bool(same.any()):
+        rel = float((spread / scale.clamp_min(torch.finfo(scale.dtype).tiny))[same].max())
+        reasons.append(
+            f"the map is constant for {int(same.sum())} of {n} samples because the layer's "
+            f"activations are the same at every position (to float rounding: positions differ "
+            f"by at most {rel:.1e} of the largest activation), so no weighting of its channels "
+            "can tell the positions apart. The model gives every position the same features "
+            "here (a token mixer that averages every token with no positional term; a "
+            "randomly initialised model whose positional terms are still zero). Choose an "
+            "earlier layer, or a trained model"
         )
     if bool(constant.any()):
         what = (

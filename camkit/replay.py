@@ -10,6 +10,7 @@ replay. :mod:`camkit.suffix` builds ``ctx.run_suffix`` and the recording forward
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,12 +94,33 @@ class Replay:
                 return one.expand(shape)
             return out.index_select(d, self.rows)
         if isinstance(out, tuple):
-            return tuple(self.rows_of(o, dim) for o in out)
+            return _same_tuple(out, [self.rows_of(o, dim) for o in out])
         if isinstance(out, list):
             return [self.rows_of(o, dim) for o in out]
         if isinstance(out, dict):
-            return {k: self.rows_of(v, dim) for k, v in out.items()}
+            return _same_dict(out, {k: self.rows_of(v, dim) for k, v in out.items()})
         return out
+
+
+def _same_tuple(out: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    """``items`` in the tuple type of ``out``: a named tuple or ``torch.return_types`` keeps its
+    fields, read by name after the layer."""
+    if type(out) is tuple:
+        return tuple(items)
+    if hasattr(out, "_fields"):  # named tuple
+        return type(out)(*items)
+    return type(out)(items)  # structseq (torch.return_types), other tuple subclasses
+
+
+def _same_dict(out: dict[Any, Any], items: dict[Any, Any]) -> dict[Any, Any]:
+    """``items`` in the dict type of ``out`` (transformers' ``ModelOutput``, whose fields are
+    also attributes; ``OrderedDict``): a shallow copy of ``out`` with each item replaced."""
+    if type(out) is dict:
+        return items
+    new = copy.copy(out)
+    for k, v in items.items():
+        new[k] = v
+    return new
 
 
 def _dispatch(module: nn.Module, own: Any) -> Callable[..., Any]:

@@ -10,7 +10,8 @@ with Grad-CAM and ``layer=None``, so that camkit's adapters (``plugins/adapters_
 ``plugins/adapters_hf.py``) choose the layer. A case is ``ok`` when
 
 1. the layer chosen is the one documented for the family (:attr:`Case.layer`);
-2. the maps are ``(2, H, W)`` at the input's size, finite, within [0, 1], and not all zero;
+2. the maps are ``(2, H, W)`` at the input's size, finite, within [0, 1], and none is constant
+   (blank), and explaining raised no camkit warning (``BlankMapWarning`` and the like);
 3. the score depends on the layer's positions: the gradient of the score is not zero at 90 % of
    them at least, and zeroing each position alone (through ``ctx.run_suffix``, the rest of the
    model re-run on the changed layer) changes the score by more than float noise at 90 % of them
@@ -53,7 +54,7 @@ class Case:
     key: str
     library: str
     family: str
-    build: Callable[[], nn.Module]
+    build: Builder
     size: int
     layer: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -62,17 +63,29 @@ class Case:
     slow: bool = False
 
 
-def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+@dataclass(frozen=True)
+class Builder:
+    """Builds a case's model; ``name``: what it is built from (a timm model name, a
+    transformers configuration class), shown in the table."""
+
+    name: str
+    fn: Callable[[], nn.Module]
+
+    def __call__(self) -> nn.Module:
+        return self.fn()
+
+
+def _timm(name: str, **kwargs: Any) -> Builder:
     def build() -> nn.Module:
         import timm
 
         model: nn.Module = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
         return model
 
-    return build
+    return Builder(name, build)
 
 
-def _hf(model_cls: str, config_cls: str, **kwargs: Any) -> Callable[[], nn.Module]:
+def _hf(model_cls: str, config_cls: str, **kwargs: Any) -> Builder:
     def build() -> nn.Module:
         import transformers
 
@@ -80,7 +93,7 @@ def _hf(model_cls: str, config_cls: str, **kwargs: Any) -> Callable[[], nn.Modul
         model: nn.Module = getattr(transformers, model_cls)(config)
         return model
 
-    return build
+    return Builder(config_cls, build)
 
 
 _VIT_TIMM = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -191,7 +204,8 @@ CASES: list[Case] = [
              num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=12, num_labels=5), 64,
          "decode_head.activation", target=_segformer_target),
     Case("hf-detr", "transformers", "DETR (backbone)",
-         lambda: _detr(), 128, "model.backbone.model.encoder.stages.3", target=_detr_target),
+         Builder("DetrConfig", lambda: _detr()), 128, "model.backbone.model.encoder.stages.3",
+         target=_detr_target),
 ]  # fmt: skip
 
 
@@ -222,19 +236,33 @@ def _detr() -> nn.Module:
 BY_KEY = {c.key: c for c in CASES}
 
 
-def build(case: Case) -> nn.Module:
+def build(case: Case, fix_ups: bool = True) -> nn.Module:
     """The case's model with random weights after ``torch.manual_seed(SEED)``, in eval mode.
 
-    transformers initialises batch-norm scales from N(0, 0.02) in some families (EfficientNet,
-    LeViT): with dozens of them in a row the activations shrink by ~1e-9 a block and vanish to
-    exactly 0 (every score and map 0). Those scales get PyTorch's default, 1.
+    Two fix-ups (``fix_ups=False`` leaves them out) keep a random model from being degenerate:
+
+    - transformers initialises batch-norm scales from N(0, 0.02) in some families
+      (EfficientNet, LeViT): with dozens of them in a row the activations shrink by ~1e-9 a
+      block and vanish to exactly 0 (every score and map 0). Those scales get PyTorch's
+      default, 1.
+    - LeViT's only positional term, the attention bias of each relative offset, is zero at
+      initialisation in both libraries. Its subsampling attention has no residual, and with
+      small random activations its logits are close to 0: every query then averages every
+      token, and from the first stage on all tokens are the same (a constant map at any later
+      layer, which camkit reports as blank). Trained LeViTs have learned biases; the sweep
+      draws them from N(0, 1).
     """
     torch.manual_seed(SEED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = case.build()
-    if case.library == "transformers":
-        with torch.no_grad():
+    if not fix_ups:
+        return model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("attention_biases"):  # LeViT, timm and transformers
+                p.normal_()
+        if case.library == "transformers":
             for mod in model.modules():
                 if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
                     mod.weight.fill_(1.0)
@@ -288,6 +316,8 @@ def influence(model: nn.Module, case: Case, x: Tensor, layer: str) -> tuple[floa
         # where the replay cannot re-run the suffix alone, camkit re-runs the whole model with
         # the layer's output replaced, and says so: the same scores, slower
         warnings.filterwarnings("ignore", "run_suffix", camkit.CamkitWarning)
+        # the probe's own map (weights of ones) is not the case's, blank or not
+        warnings.simplefilter("ignore", camkit.BlankMapWarning)
         res = camkit.explain(
             model, x, method=probe, layer=layer, target=case.target, **case.options
         )
@@ -307,6 +337,7 @@ class Row:
     library: str
     family: str
     model: str = ""
+    built_from: str = ""
     size: int = 0
     layer: str = ""
     grid: str = ""
@@ -322,17 +353,23 @@ class Row:
 
 def run_case(case: Case) -> Row:
     """Build, explain and check one case (see the module docstring)."""
-    row = Row(case.key, case.library, case.family, size=case.size)
+    row = Row(case.key, case.library, case.family, built_from=case.build.name, size=case.size)
     start = time.perf_counter()
     try:
         model = build(case)
         row.model = type(model).__name__
         x = batch(case)
-        res = camkit.explain(model, x, target=case.target, **case.options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", camkit.CamkitWarning)
+            res = camkit.explain(model, x, target=case.target, **case.options)
         row.layer = str(res.layer)
         row.grid = "x".join(map(str, res.raw.shape[1:]))
         row.gradient, row.ablation = influence(model, case, x, row.layer)
         row.result = check(res, case, row)
+        said = [w for w in caught if issubclass(w.category, camkit.CamkitWarning)]
+        if row.result == "ok" and said:
+            text = " ".join(str(said[0].message).split())[:240]
+            row.result = f"warned: {said[0].category.__name__}: {text}"
     except Exception as exc:
         row.result = f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
     row.seconds = time.perf_counter() - start
@@ -348,8 +385,9 @@ def check(res: Any, case: Case, row: Row) -> str:
         return f"maps of shape {tuple(maps.shape)}"
     if not bool(torch.isfinite(maps).all()) or float(maps.min()) < 0 or float(maps.max()) > 1:
         return "maps not finite or outside [0, 1]"
-    if not bool(maps.any()):
-        return "every map is zero"
+    blank = [i for i in range(maps.shape[0]) if float(maps[i].amax()) == float(maps[i].amin())]
+    if blank:
+        return f"the maps of samples {blank} are constant (blank)"
     if row.gradient < REACHED or row.ablation < REACHED:
         return f"the score depends on too few positions ({row.gradient:.2f}, {row.ablation:.2f})"
     return "ok"
@@ -358,13 +396,14 @@ def check(res: Any, case: Case, row: Row) -> str:
 def table(rows: Sequence[Row]) -> str:
     """The Markdown table of ``rows``."""
     lines = [
-        "| case | library | family | model class | input | layer chosen | grid | positions "
-        "reached (gradient / ablation) | result | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | library | family | built from | model class | input | layer chosen | grid | "
+        "positions reached (gradient / ablation) | result | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| `{r.key}` | {r.library} | {r.family} | `{r.model}` | {r.size} | `{r.layer}` | "
+            f"| `{r.key}` | {r.library} | {r.family} | `{r.built_from}` | `{r.model}` | {r.size} "
+            f"| `{r.layer}` | "
             f"{r.grid} | {r.gradient:.0%} / {r.ablation:.0%} | {r.result} | {r.seconds:.1f} |"
         )
     return "\n".join(lines)

@@ -81,6 +81,25 @@ def test_principal_component_matches_a_float64_svd(shape: tuple[int, ...], cente
         torch.testing.assert_close(got[i].flatten().double(), proj, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["auto", "bilinear", "bicubic", "nearest"])
+def test_upsampling_keeps_each_map_within_its_range(mode: str) -> None:
+    # interpolating a constant map rounds: bilinear weights times 1.6332e-12 do not sum back to
+    # 1.6332e-12 exactly (three distinct values at 224 x 224 unclamped), and normalising would
+    # blow that rounding up to a [0, 1] map. Each sample stays within its own [min, max]: a
+    # constant map stays exactly constant, and normalises to zeros
+    maps = torch.stack(
+        [
+            torch.full((4, 4), 1.6332e-12),
+            torch.rand(4, 4, generator=torch.Generator().manual_seed(0)),
+        ]
+    )
+    up = cam.upsample(maps, (224, 224), mode)
+    assert torch.equal(up[0], torch.full((224, 224), 1.6332e-12))
+    assert float(up[1].min()) >= float(maps[1].min()) and float(up[1].max()) <= float(maps[1].max())
+    assert float(up[1].max()) == pytest.approx(float(maps[1].max()), rel=0.3)
+    assert not bool(cam.normalize(up)[0].any())
+
+
 @pytest.mark.parametrize("dims,size", [(1, (20,)), (2, (10, 12)), (3, (6, 8, 4))])
 def test_explain_1d_2d_3d(dims: int, size: tuple[int, ...]) -> None:
     model = TinyCNN(dims=dims).eval()

@@ -315,6 +315,38 @@ def test_constant_map_warns_with_the_share() -> None:
     assert float(res.maps[0].abs().max()) == 0.0 and float(res.maps[1].max()) == 1.0
 
 
+def test_positions_with_the_same_features_warn_with_that_reason() -> None:
+    # sample 0: every position holds the same channel vector (a token mixer that averages every
+    # token); sample 1 the same up to float32 rounding (one ulp at one position), as a random-init
+    # LeViT gives. Any channel weighting is then constant (here exactly: the head reads only
+    # channel 0, and the ulp sits in channel 1), and the warning names the activations as the
+    # reason, not the weights
+    acts = torch.tensor([1.0, -2.0, 3.0, 0.5])[None, :, None, None].repeat(2, 1, 4, 4)
+    acts[1, 1, 2, 1] = torch.nextafter(torch.tensor(-2.0), torch.tensor(-3.0))
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Identity()
+            self.fc = nn.Linear(4, 3)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(3, 1))
+
+        def forward(self, x: Tensor) -> Tensor:
+            a = self.layer(acts[: x.shape[0]] + 0 * x.mean())
+            out: Tensor = self.fc(a.mean((2, 3)))
+            return out
+
+    with pytest.warns(camkit.BlankMapWarning) as caught:
+        res = camkit.explain(Head(), X, method="cam", layer="layer", target=[0, 0])
+    message = str(caught[0].message)
+    assert "'layer': 2 of 2 maps are blank" in message
+    assert "constant for 2 of 2 samples because the layer's activations are the same at " \
+        "every position" in message  # fmt: skip
+    assert "weights cancel" not in message
+    assert float(res.maps.abs().max()) == 0.0
+
+
 def test_ordinary_maps_do_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", camkit.CamkitWarning)

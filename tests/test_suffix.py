@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pytest
 import torch
@@ -443,3 +443,61 @@ def test_ablationcam_with_several_targets_matches_one_target_at_a_time() -> None
         one = camkit.explain(model, x, method="ablationcam", layer="layer", target=targets)
         torch.testing.assert_close(both.weights[:, k], one.weights, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(both.maps[:, k], one.maps, rtol=1e-5, atol=1e-6)
+
+
+class Fields(dict[str, torch.Tensor]):
+    """A dict whose items are also attributes, as transformers' ``ModelOutput``."""
+
+    def __getattr__(self, key: str) -> torch.Tensor:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class Pair(NamedTuple):
+    features: torch.Tensor
+    skip: torch.Tensor
+
+
+class Encoder(nn.Module):
+    """Returns its features in a structure read by attribute."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        f = self.conv(x)
+        if self.kind == "fields":
+            return Fields(features=f, skip=f.mean((2, 3)))
+        return Pair(f, f.mean((2, 3)))
+
+
+class StructuredPrefix(nn.Module):
+    """The layer reads ``encoder(x).features``; the head reads the layer and ``.skip``, a value
+    from before the layer (the replay answers the encoder's call from its record)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.encoder = Encoder(kind)
+        self.layer = nn.Conv2d(4, 5, 3, padding=1)
+        self.fc = nn.Linear(5 + 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder(x)
+        h = torch.relu(self.layer(enc.features)).mean((2, 3))
+        return self.fc(torch.cat([h, enc.skip], dim=1))
+
+
+@pytest.mark.parametrize("kind", ["fields", "namedtuple"])
+def test_a_prefix_returning_a_structure_read_by_attribute_replays(kind: str) -> None:
+    # the encoder's recorded output is a dict read by attribute (transformers' ModelOutput) or
+    # a named tuple: the replay hands back the rows of each field in the same type, so the
+    # suffix runs alone (a fallback warns, an error here) and scores as full re-runs do
+    torch.manual_seed(0)
+    model = StructuredPrefix(kind).eval().double()
+    seen = _run(model, torch.randn(3, 3, 6, 6, dtype=torch.float64), "layer")
+    torch.testing.assert_close(seen["suffix"], seen["full"], rtol=1e-12, atol=1e-12)
+    assert seen["suffix"].abs().min() > 0
