@@ -122,7 +122,7 @@ def test_imputation_is_within_its_tolerance_of_scipy(percent: int) -> None:
         assert (got[i].double() - torch.from_numpy(ref)).abs().max().item() < 1e-3
 
 
-def test_an_image_fills_alike_alone_and_in_a_batch() -> None:
+def test_an_image_fills_alike_alone_and_in_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     # the solver's domain is the batch's bounding box, aligned to the coarsest grid's cells:
     # an image's grids are blocks of its own, whatever else the batch holds
     g = torch.Generator().manual_seed(5)
@@ -135,6 +135,8 @@ def test_an_image_fills_alike_alone_and_in_a_batch() -> None:
     for i in range(3):
         alone = road.impute(x[i : i + 1], removed[i : i + 1])
         assert (alone[0] - together[i]).abs().max().item() < 1e-5
+    monkeypatch.setattr(road, "CPU_CHUNK", 1)  # one image per chunk
+    assert (road.impute(x, removed) - together).abs().max().item() < 1e-5
 
 
 def test_imputation_fills_a_linear_ramp_exactly_inside() -> None:
