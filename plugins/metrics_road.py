@@ -222,7 +222,7 @@ def _solve(img: Tensor, u: Tensor, depth: int, tolerance: float, max_iter: int) 
         better = change < 0.9 * best
         best = torch.where(better, change, best)
         stale = torch.where(better, 0, stale + 1)
-        done = done | (change <= tolerance) | (stale >= 3)
+        done = done | (change <= tolerance) | (stale >= 5)
         if bool(done.all()):
             break
         r.addcmul_(alpha[..., None, None], q, value=-1)
