@@ -1,10 +1,11 @@
 """``camkit.compare``: explain a data set with several methods and score every map with several
 metrics; one :class:`~camkit.comparison.Comparison` back.
 
-Under ``torchrun`` (``torch.distributed`` initialised) each rank takes its shard of the data
-through a ``DistributedSampler``, the per-sample values of all ranks are gathered, and every
-rank returns the same comparison (the caller writes it on rank 0): the same per-sample values
-as one process, so the same means and intervals.
+Under ``torchrun`` (``torch.distributed`` initialised) each rank takes whole batches of the
+single-process order, round robin, the per-sample values of all ranks are gathered, and every
+rank returns the same comparison (the caller writes it on rank 0): every sample is computed in
+the batch it has in one process, so its values, the means and the intervals are those of one
+process to the last bit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .comparison import Comparison
 from .errors import CamkitWarning, InputError
@@ -71,13 +72,15 @@ def _batches(data: Any, batch_size: int) -> tuple[int | None, Iterator[Batch]]:
             "compare expects data as a DataLoader, a Dataset, a tensor x or a tuple (x, y) or "
             f"(x, y, masks) of tensors; got {type(data).__name__}."
         )
+    order = list(range(len(dataset)))  # type: ignore[arg-type]
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if _distributed():
-        order = list(DistributedSampler(dataset, shuffle=False, drop_last=False))
-    else:
-        order = list(range(len(dataset)))  # type: ignore[arg-type]
+        # whole batches of the single-process order, round robin: every sample is computed in
+        # the same batch as in one process, so its values are the same to the last bit (batched
+        # kernels round differently for other batch compositions)
+        chunks = chunks[dist.get_rank() :: dist.get_world_size()]
     collate = loader.collate_fn if loader is not None else None
     workers = loader.num_workers if loader is not None else 0
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     batched = DataLoader(dataset, batch_sampler=chunks, collate_fn=collate, num_workers=workers)
 
     def gen() -> Iterator[Batch]:
@@ -85,7 +88,7 @@ def _batches(data: Any, batch_size: int) -> tuple[int | None, Iterator[Batch]]:
             x, y, masks = _unpack(batch)
             yield torch.tensor(idx), x, y, masks
 
-    return len(order), gen()
+    return sum(len(c) for c in chunks), gen()
 
 
 def _count(loader: DataLoader[Any]) -> int | None:
@@ -318,7 +321,7 @@ def _assemble(records: list[dict[str, Any]], plan: _Plan, n_bootstrap: int) -> C
     order = index.argsort(stable=True)
     sorted_index = index[order]
     first = torch.ones_like(sorted_index, dtype=torch.bool)
-    first[1:] = sorted_index[1:] != sorted_index[:-1]  # DistributedSampler pads with repeats
+    first[1:] = sorted_index[1:] != sorted_index[:-1]  # a sample seen twice counts once
     pick = order[first]
     computed = [m for m in plan.metrics if all(m in r["values"][plan.methods[0]] for r in records)]
     values = {
