@@ -1,7 +1,7 @@
 """Metric throughput: camkit's batched deletion, insertion and ROAD beside per-image loops of the
 same metrics, measured in one interleaved run.
 
-resnet18 (random init, eval), batch 32 (the required case; ``-m quick``: batch 4), 224x224,
+resnet50 (random init, eval), batch 32 (the required case; ``-m quick``: resnet18, batch 4), 224x224,
 Grad-CAM maps at ``layer4``, 2 CPU threads. The references (``benchmarks/metrics_loops.py``)
 compute each image on its own: deletion and insertion one forward of one image per step, ROAD
 one direct sparse solve (scipy, float64, as the paper's reference code) and one forward per

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .batching import resolve_batch_size
 from .errors import CamkitWarning, InputError, OptionError, PluginError, did_you_mean
 from .explain import explain
 from .method import Method
@@ -37,8 +38,8 @@ def metric_options(metric: Metric, options: Mapping[str, Any]) -> dict[str, Any]
         )
     opts = {**known, **options}
     size = opts["batch_size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise OptionError(f"option 'batch_size' expects an int >= 1, got {size!r}.")
+    if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise OptionError(f"option 'batch_size' expects 'auto' or an int >= 1, got {size!r}.")
     if isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int):
         raise OptionError(f"option 'seed' expects an int, got {opts['seed']!r}.")
     if opts["progress"] not in (None, True, False):
@@ -163,6 +164,8 @@ def evaluate(
             f"x expects a tensor (N, C, *S) with spatial dimensions, or a tuple of tensors; got "
             f"{type(x).__name__}{tuple(x.shape) if isinstance(x, Tensor) else ''}."
         )
+    # "auto": rows of one perturbed copy of each input, as the methods chunk theirs
+    opts["batch_size"] = resolve_batch_size(opts["batch_size"], tuple(t[:1] for t in inputs))
     if isinstance(maps, CamResult):
         if target is None and maps.targets is not None:
             target = maps.targets
@@ -200,7 +203,7 @@ def evaluate(
         scorer_target: Target = ProbabilityTarget(classes) if classes is not None else tgt
         score = _scorer(model, scorer_target, opts["batch_size"])
         index = torch.arange(n, device=inputs[0].device)
-        scores = score(inputs, index)
+        scores = scorer_target.scores(output, index).detach().float()  # the forward above
     generator = torch.Generator(device=inputs[0].device).manual_seed(opts["seed"])
 
     explain_again = None

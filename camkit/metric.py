@@ -30,7 +30,7 @@ __all__ = [
 
 #: Options every metric accepts, with their defaults.
 METRIC_OPTIONS: Mapping[str, Any] = {
-    "batch_size": 64,
+    "batch_size": "auto",
     "seed": 0,
     "progress": None,
 }
@@ -59,7 +59,7 @@ class MetricContext:
         score: ``score(inputs, index) -> (M,)`` scores new inputs ``(M, ...)`` (a tensor or a
             tuple like ``inputs``) whose row ``m`` comes from sample ``index[m]``: the explained
             class's softmax probability (the target's own score for other targets), no
-            gradients, in chunks of ``options["batch_size"]``.
+            gradients, in chunks of ``options["batch_size"]`` (an int: "auto" is resolved before).
         scores: ``(N,)`` ``score`` of the unmodified inputs.
         explain: ``explain(model, inputs) -> (N, *S)`` the maps of the same method, layer,
             target and options for another model (a copy) or other inputs ``(N, ...)``; only

@@ -281,3 +281,27 @@ def test_third_party_metric_plugins_register_and_are_checked() -> None:
     reg.register_plugin(_MetricPlugin(wrong()), name="wrong")
     with pytest.raises(camkit.PluginError, match="returned \\(3,\\); expected"):
         camkit.evaluate(RegionSum(), x, torch.rand(2, H, W), "wrong", registry=reg)
+
+
+def test_metrics_chunk_by_the_auto_rule_and_the_values_do_not_depend_on_it() -> None:
+    # batch_size defaults to "auto": 224x224 float32 images go 8 rows per forward on a CPU
+    # (the rule of camkit.batching), not 64
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()  # fmt: skip
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    maps = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(2))
+    rows: list[int] = []
+    handle = model.register_forward_hook(lambda m, i, o: rows.append(int(i[0].shape[0])))
+    try:
+        auto = camkit.evaluate(model, x, maps, "deletion", target=0, steps=10)
+        assert rows == [3, 8, 8, 8, 8, 1]  # the unmodified batch, then 3 x 11 steps
+        rows.clear()
+        given = camkit.evaluate(model, x, maps, "deletion", target=0, steps=10, batch_size=64)
+        assert rows == [3, 33]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(auto.values, given.values, rtol=1e-5, atol=1e-6)
+    assert float(auto.values.std()) > 1e-3  # three different curves: the comparison can fail
+    with pytest.raises(camkit.OptionError, match="'auto' or an int"):
+        camkit.evaluate(model, x, maps, "deletion", target=0, batch_size="big")
