@@ -3,12 +3,13 @@ same metrics, measured in one interleaved run.
 
 resnet50 (random init, eval), batch 32 (the required case; ``-m quick``: resnet18, batch 4),
 224x224, Grad-CAM maps at ``layer4``, 2 CPU threads. The references
-(``benchmarks/metrics_loops.py``) compute each image on its own: deletion and insertion one forward of one image per step, ROAD
-one direct sparse solve (scipy, float64, as the paper's reference code) and one forward per
-image, percentile and order. Deletion and insertion use 10 steps, ROAD the percentiles 20, 50
-and 80, both sides alike. Targets (reported, not asserted: on a CPU the same forwards on both
-sides bound the speed-up below them): the batched metric at least :data:`DELETION_TARGET` times
-the loop's images per second for deletion and insertion, :data:`ROAD_TARGET` for ROAD.
+(``benchmarks/metrics_loops.py``) compute each image on its own: deletion and insertion one
+forward of one image per step, ROAD one direct sparse solve (scipy, float64, as the paper's
+reference code) and one forward per image, percentile and order. Deletion and insertion use 10
+steps, ROAD the percentiles 20, 50 and 80, both sides alike. Targets (reported, not asserted:
+on a CPU the same forwards on both sides bound the speed-up below them): the batched metric at
+least :data:`DELETION_TARGET` times the loop's images per second for deletion and insertion,
+:data:`ROAD_TARGET` for ROAD.
 """
 
 from __future__ import annotations
