@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -262,3 +265,16 @@ def small_net(seed: int = 0) -> tuple[nn.Module, Tensor]:
 def correlation(a: Tensor, b: Tensor) -> float:
     """Pearson correlation of two maps, flattened, in float64."""
     return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
+
+
+def load_sweep() -> Any:
+    """``scripts/sweep_models.py`` as a module (loaded once): the model cases of the sweep."""
+    if "sweep_models" in sys.modules:
+        return sys.modules["sweep_models"]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sweep_models.py"
+    spec = importlib.util.spec_from_file_location("sweep_models", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

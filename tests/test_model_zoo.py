@@ -9,30 +9,16 @@ position through ``ctx.run_suffix``. The table of the last run is in docs/models
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from helpers import load_sweep
 
 import camkit
 from camkit.registry import Registry
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_models.py"
-
-
-def _load_sweep() -> Any:
-    spec = importlib.util.spec_from_file_location("sweep_models", _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+sweep = load_sweep()
 
 
 @pytest.mark.parametrize(

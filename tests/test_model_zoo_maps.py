@@ -20,31 +20,16 @@ least one of them off its cell. The score reading ``r`` moves, and the map must 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from helpers import load_sweep
 from torch import Tensor, nn
 
 import camkit
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_models.py"
-
-
-def _load_sweep() -> Any:
-    spec = importlib.util.spec_from_file_location("sweep_models", _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = sys.modules.get("sweep_models") or _load_sweep()
+sweep = load_sweep()
 
 GRID = 4  # every case below lays its layer on a 4 x 4 grid
 CELLS = [(0, 2), (3, 1)]
