@@ -267,12 +267,12 @@ def correlation(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
 
 
-def load_sweep() -> Any:
-    """``scripts/sweep_models.py`` as a module (loaded once): the model cases of the sweep."""
-    if "sweep_models" in sys.modules:
-        return sys.modules["sweep_models"]
-    script = Path(__file__).resolve().parents[1] / "scripts" / "sweep_models.py"
-    spec = importlib.util.spec_from_file_location("sweep_models", script)
+def load_script(name: str) -> Any:
+    """``scripts/<name>.py`` as a module named ``name`` (loaded once), e.g. a model sweep."""
+    if name in sys.modules:
+        return sys.modules[name]
+    script = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up

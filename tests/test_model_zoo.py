@@ -13,12 +13,12 @@ import sys
 
 import pytest
 import torch
-from helpers import load_sweep
+from helpers import load_script
 
 import camkit
 from camkit.registry import Registry
 
-sweep = load_sweep()
+sweep = load_script("sweep_models")
 
 
 @pytest.mark.parametrize(

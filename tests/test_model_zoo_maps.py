@@ -24,12 +24,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import load_sweep
+from helpers import load_script
 from torch import Tensor, nn
 
 import camkit
 
-sweep = load_sweep()
+sweep = load_script("sweep_models")
 
 GRID = 4  # every case below lays its layer on a 4 x 4 grid
 CELLS = [(0, 2), (3, 1)]

@@ -11,34 +11,20 @@ builder) is marked slow: ``pytest tests/test_torchvision.py -m slow``.
 from __future__ import annotations
 
 import gc
-import importlib.util
-import sys
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import load_script
 from torch import Tensor, nn
 
 import camkit
 
 tv = pytest.importorskip("torchvision")
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_torchvision.py"
-
-
-def _load_sweep() -> Any:
-    spec = importlib.util.spec_from_file_location("sweep_torchvision", _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+sweep = load_script("sweep_torchvision")
 
 #: builder -> (the layer the adapters document, the smallest input size the sweep finds)
 CI_CASES = {
