@@ -11,7 +11,13 @@ Cases (random-init torchvision models, eval; ``float32`` and ``bfloat16`` autoca
 - Score-CAM, batch 1: time over no-grad inference on ``C`` images (``C`` channels at the layer:
   2048 for resnet50's ``layer4``, 768 for vit_b_16's last ``ln_1``) in chunks of the rows
   ``batch_size="auto"`` picks, and of 64 and 256, the fastest of them the floor;
-- Ablation-CAM, batch 1: time over no-grad inference.
+- Ablation-CAM, batch 1: time over no-grad inference;
+- metrics (float32, resnet18, batch 32, Grad-CAM maps at ``layer4``): camkit's batched deletion
+  and insertion (10 steps) and ROAD (percentiles 20, 50, 80) against the per-image loops of
+  ``benchmarks/metrics_loops.py`` (one forward of one image per step on the same GPU; ROAD's
+  imputation one direct sparse solve per image on the CPU, as the paper's reference code), as
+  images per second; the ROAD loop runs on the first :data:`ROAD_LOOP_IMAGES` images only (a
+  direct solve takes about a second), its images per second taken on those.
 
 Each comparison runs its operations interleaved (the order alternates between rounds), each
 call between two ``torch.cuda.synchronize()``; the figure is the median per-round ratio.
@@ -42,6 +48,9 @@ import camkit
 from camkit.batching import auto_batch_size
 
 Op = Callable[[], object]
+
+#: images the ROAD loop reference runs on (its images per second are taken on them)
+ROAD_LOOP_IMAGES = 2
 
 
 def _model(name: str, device: torch.device, quick: bool) -> tuple[nn.Module, int, str | None]:
@@ -207,6 +216,64 @@ def run_case(
     return results
 
 
+def run_metrics(device: torch.device, quick: bool, rounds: int) -> list[dict[str, Any]]:
+    """Deletion, insertion and ROAD batched against per-image loops, as images per second."""
+    from benchmarks.metrics_loops import deletion_loop, road_loop
+
+    model, size, layer = _model("resnet18", device, quick)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batch = 4 if quick else 32
+    x = _input(batch, size, device)
+    res = camkit.explain(model, x, method="gradcam", layer=layer)
+    cls = res.targets
+    assert cls is not None
+    steps, percentiles = 10, (20, 50, 80)
+    few = min(ROAD_LOOP_IMAGES, batch) if not quick else 1
+
+    def batched(metric: str, **options: Any) -> Op:
+        return lambda: camkit.evaluate(model, x, res, metric, **options)
+
+    ops: dict[str, Op] = {
+        "deletion": batched("deletion", steps=steps),
+        "deletion-loop": lambda: deletion_loop(model, x, res.maps, cls, steps, False),
+        "insertion": batched("insertion", steps=steps),
+        "insertion-loop": lambda: deletion_loop(model, x, res.maps, cls, steps, True),
+        "road": batched("road", percentiles=percentiles),
+        "road-loop": lambda: road_loop(model, x[:few], res.maps[:few], cls[:few], percentiles),
+    }
+    times = _interleaved(ops, 2 if quick else 3, 1, sync)
+    results = []
+    for subject in ("deletion", "insertion", "road"):
+        loop = f"{subject}-loop"
+        n_loop = few if subject == "road" else batch
+        # per round: the loop's seconds per image over the batched metric's
+        speedups = [
+            (t_loop / n_loop) / (t / batch)
+            for t, t_loop in zip(times[subject], times[loop], strict=True)
+        ]
+        q1 = q3 = speedups[0]
+        if len(speedups) > 1:
+            q1, _, q3 = statistics.quantiles(speedups, n=4, method="inclusive")
+        results.append(
+            {
+                "model": "resnet18",
+                "precision": "float32",
+                "method": f"metric {subject}",
+                "batch": batch,
+                "ratio": round(statistics.median(speedups), 3),
+                "q1": round(q1, 3),
+                "q3": round(q3, 3),
+                "seconds": round(statistics.median(times[subject]), 5),
+                "floor": f"speed-up over a per-image loop on {n_loop} images",
+                "images_per_second": {
+                    subject: round(batch / statistics.median(times[subject]), 2),
+                    loop: round(n_loop / statistics.median(times[loop]), 2),
+                },
+            }
+        )
+    return results
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     """The figures as a Markdown table."""
     lines = [
@@ -254,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--no-metrics", action="store_true", help="skip the metric throughput (needs scipy)"
+    )
     parser.add_argument("--out", type=Path, default=Path("gpu-results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -274,22 +344,33 @@ def main(argv: list[str] | None = None) -> int:
             precisions = [p for p in precisions if p != "bfloat16"]
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> str:
+        """Both files with what is done so far (a run cut short keeps its figures)."""
+        env = _environment(device)
+        env["seconds"] = round(time.perf_counter() - start, 1)
+        (args.out / "gpu_suite.json").write_text(
+            json.dumps({"environment": env, "results": results}, indent=1) + "\n"
+        )
+        table = markdown(results)
+        (args.out / "gpu_suite.md").write_text(
+            f"{env.get('gpu', env['device'])}, torch {env['torch']}, {env['date']}, "
+            f"{env['seconds']} s\n\n{table}\n"
+        )
+        return table
+
     for name in models:
         for precision in precisions:
+            done = len(results)
             results.extend(run_case(name, precision, device, args.quick, rounds))
-            print("\n".join(markdown(results[-3:]).splitlines()[2:]), file=sys.stderr, flush=True)
-    env = _environment(device)
-    env["seconds"] = round(time.perf_counter() - start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_suite.json").write_text(
-        json.dumps({"environment": env, "results": results}, indent=1) + "\n"
-    )
-    table = markdown(results)
-    (args.out / "gpu_suite.md").write_text(
-        f"{env.get('gpu', env['device'])}, torch {env['torch']}, {env['date']}, "
-        f"{env['seconds']} s\n\n{table}\n"
-    )
-    print(table)
+            print("\n".join(markdown(results[done:]).splitlines()[2:]), file=sys.stderr, flush=True)
+            write()
+    if not args.no_metrics:
+        done = len(results)
+        results.extend(run_metrics(device, args.quick, rounds))
+        print("\n".join(markdown(results[done:]).splitlines()[2:]), file=sys.stderr, flush=True)
+    print(write())
     return 0
 
 

@@ -29,7 +29,8 @@ def _probability(model: nn.Module, x: Tensor, cls: int) -> float:
 def deletion_loop(
     model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, steps: int, insert: bool
 ) -> Tensor:
-    """Deletion (or insertion, ``insert``) to zeros, one image and one step at a time."""
+    """Deletion (or insertion, ``insert``) to zeros, one image and one step at a
+    time, on ``x``'s device."""
     out = []
     for i in range(x.shape[0]):
         pixels = maps[i].numel()
@@ -94,13 +95,13 @@ def road_loop(
     noise: float = 0.01,
 ) -> Tensor:
     """ROAD (``(LeRF - MoRF) / 2``, mean over percentiles), one image, percentile and order at
-    a time."""
+    a time; the imputation on the CPU, the forwards on ``x``'s device."""
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(x.shape[0]):
         pixels = maps[i].numel()
-        order = maps[i].flatten().argsort(descending=True, stable=True)
-        img = x[i].double().numpy()
+        order = maps[i].flatten().argsort(descending=True, stable=True).cpu()
+        img = x[i].double().cpu().numpy()
         values = []
         for p in percentiles:
             k = round(p / 100 * pixels)
@@ -111,7 +112,7 @@ def road_loop(
                 removed = removed.reshape(maps.shape[1:])
                 filled = torch.from_numpy(impute_sparse(img, removed)).float()
                 filled += noise * torch.randn(filled.shape, generator=g) * torch.from_numpy(removed)
-                probs.append(_probability(model, filled, int(classes[i])))
+                probs.append(_probability(model, filled.to(x.device), int(classes[i])))
             values.append((probs[1] - probs[0]) / 2)
         out.append(sum(values) / len(values))
     return torch.tensor(out)
