@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help="rounds per comparison (default 7; 2 with --quick)"
     )
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
+    parser.add_argument("--models", nargs="*", default=["resnet50", "vit_b_16"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument(
         "--no-metrics", action="store_true", help="skip the metric throughput (needs scipy)"

@@ -36,7 +36,7 @@ def deletion_loop(
         pixels = maps[i].numel()
         order = maps[i].flatten().argsort(descending=True, stable=True)
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(pixels)
+        rank[order] = torch.arange(pixels, device=order.device)
         curve = []
         for k in range(steps + 1):
             done = (rank < round(k * pixels / steps)).reshape(1, *maps.shape[1:])

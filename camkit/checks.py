@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .deferred import is_finite, require_finite
 from .errors import (
     BlankMapWarning,
     InputError,
@@ -40,11 +41,6 @@ __all__ = [
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _finite(t: Tensor) -> bool:
-    # the sum is non-finite whenever an element is (or it overflows): the full check then
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check_input_devices(inputs: Sequence[Tensor]) -> None:
@@ -112,7 +108,7 @@ def check_reshaped(layer: str, what: str, t: Any) -> Tensor:
             f"option 'reshape' returned {type(t).__name__} for the {what} of layer {layer!r}; "
             "expected a tensor (N, C, *S)."
         )
-    if not _finite(t):
+    if not is_finite(t):
         raise OptionError(
             f"option 'reshape' returned non-finite values (NaN or Inf) for the {what} of layer "
             f"{layer!r}, whose output is finite: check the reshape callable."
@@ -146,12 +142,15 @@ def check_weights(method: str, w: Any, activations: Tensor) -> None:
             f"method {method!r} returned weights of dtype {w.dtype}; expected a floating-point "
             f"dtype (the activations' {activations.dtype})."
         )
-    if not _finite(w):
-        raise PluginError(
+    weights = w
+    require_finite(
+        weights,
+        lambda: PluginError(
             f"method {method!r} returned non-finite weights (NaN or Inf; first values "
-            f"{w.detach().flatten()[:4].tolist()}): a division by zero or an overflow in the "
-            "method. Report it to the method's authors."
-        )
+            f"{weights.detach().flatten()[:4].tolist()}): a division by zero or an overflow in "
+            "the method. Report it to the method's authors."
+        ),
+    )
 
 
 def check_combined(
@@ -174,12 +173,14 @@ def check_combined(
             f"method {method!r}: combine returned a map of dtype {raw.dtype}; expected a "
             "floating-point map."
         )
-    if not _finite(raw):
-        raise PluginError(
+    require_finite(
+        raw,
+        lambda: PluginError(
             f"method {method!r}: the combined map holds non-finite values (NaN or Inf): an "
             "overflow or a division by zero in the method's combination. Report it to the "
             "method's authors."
-        )
+        ),
+    )
 
 
 #: positions whose activations differ by at most this many ulps of the largest activation

@@ -35,6 +35,7 @@ from .call import Call, autocast_state
 from .capabilities import recapturer, scorer
 from .capture import refuse_compiled
 from .checks import check_batched, check_combined, check_weights, warn_blank_maps
+from .deferred import deferred_checks, resolve, resolving
 from .errors import InputError, LayerError, OptionError, PluginError
 from .forward import (
     Forward,
@@ -271,7 +272,10 @@ class _Captured:
 def _run(call: Call) -> CamResult:
     """One call without ``aug_smooth``: capture and score, weights per layer, combine, result."""
     # a differentiable call keeps the graph even inside the caller's torch.no_grad()
-    with torch.set_grad_enabled(bool(call.options["differentiable"]) or torch.is_grad_enabled()):
+    # finiteness checks off the CPU are read in one transfer (camkit.deferred): the device is
+    # not stopped after each step
+    grad = bool(call.options["differentiable"]) or torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad), deferred_checks():
         got = _capture(call)
         # weights, sums and resampling in full precision even under the caller's autocast;
         # the model runs that methods ask for (ctx.score, ...) get the caller's autocast back
@@ -365,7 +369,7 @@ def _weights_per_layer(
     call = got.call
     opts, method, target, spatial = call.options, call.method, call.target, call.spatial
     generator = torch.Generator(device=call.device).manual_seed(opts["seed"])
-    score_fn = scorer(call, target)
+    score_fn = resolving(scorer(call, target))
     maps: list[Tensor] = []
     raws: dict[str, Tensor] = {}
     weights: dict[str, Tensor] = {}
@@ -394,8 +398,10 @@ def _weights_per_layer(
             options=opts,
             generator=generator,
             score=score_fn,
-            run_suffix=suffix_runner(call, (name, module), act, layout, target, got.primed),
-            recapture=recapturer(call, (name, module), target),
+            run_suffix=resolving(
+                suffix_runner(call, (name, module), act, layout, target, got.primed)
+            ),
+            recapture=resolving(recapturer(call, (name, module), target)),
             hessian_vector=hv,
         )
         w = method.weights(ctx)
@@ -405,6 +411,7 @@ def _weights_per_layer(
         raw = raw if opts["differentiable"] else raw.detach()  # the graph, when asked for
         if opts["relu"]:
             raw = raw.clamp_min(0)
+        resolve()  # the checks so far, before the warnings read the map
         warn_blank_maps(name, raw, activations, gradients, opts["relu"])
         raws[name], weights[name], extras[name] = raw, w.detach(), ctx.extras
         m = raw

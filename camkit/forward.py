@@ -9,7 +9,7 @@ unwrap wrappers.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .call import Call
 from .capture import Capture
 from .checks import check_input_devices
+from .deferred import is_finite, require_finite
 from .errors import CamkitWarning, InputError, LayerError, TargetError, user_stacklevel
 from .targets import Target, score_target
 
@@ -150,12 +151,11 @@ def check_layer_output(name: str, a: Tensor, batch: int) -> None:
             f"is not the batch size {batch}: it does not hold one map per sample (a detector's "
             "region head works on proposals, for instance). Choose a layer of the backbone."
         )
-    if not _finite(a):
-        raise LayerError(_non_finite(name, "activations", a))
+    require_finite(a, lambda: LayerError(_non_finite(name, "activations", a)))
 
 
-def _finite(t: Tensor) -> bool:
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def _layer_error(name: str, what: str, t: Tensor) -> Callable[[], Exception]:
+    return lambda: LayerError(_non_finite(name, what, t))
 
 
 def _hessian_vectors(
@@ -234,7 +234,7 @@ def _gradients(
     if not any(a.dtype == torch.float16 for a in acts):
         return list(grad(1.0, False))
     scaled = grad(FLOAT16_SCALE, True)
-    if all(g is None or _finite(g) for g in scaled):
+    if all(g is None or is_finite(g) for g in scaled):
         return [None if g is None else g.float() / FLOAT16_SCALE for g in scaled]
     # the scaled gradients overflowed: the plain ones are the best float16 can give
     return list(grad(1.0, False))
@@ -341,8 +341,7 @@ def captured_forward(
                         f"the target score does not depend on layer {name!r}: no gradient "
                         "flows to it. Choose a layer on the path to the scored output."
                     )
-                if not _finite(g):
-                    raise LayerError(_non_finite(name, "gradients", g))
+                require_finite(g, _layer_error(name, "gradients", g))
             grads = list(found)
     return Forward(
         output=output,

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .cam import fit_mask
 from .checks import as_class_tensor, check_class_range, check_logit_rows
+from .deferred import require_finite
 from .detection import BoxTarget, box_iou
 from .errors import OptionError, TargetError
 from .logits import FinerTarget, LogitsTarget, ReSTTarget
@@ -308,6 +309,14 @@ def scored_output(output: Any, target: Target, choice: Any) -> Any:
     return select_output(output, choice)
 
 
+def _non_finite_scores(scores: Tensor) -> TargetError:
+    return TargetError(
+        f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}...): "
+        "the model overflows or divides by zero on this input. Check the input's "
+        "preprocessing; for float16 models, try bfloat16 or float32."
+    )
+
+
 def score_target(
     raw_output: Any, spec: Any, choice: Any, index: Tensor, n: int
 ) -> tuple[Target, Tensor | None, Any, Tensor]:
@@ -329,14 +338,8 @@ def score_target(
     output = scored_output(raw_output, target, choice)
     scores = target.scores(output, index)
     m = int(index.shape[0])
-    if isinstance(scores, Tensor) and not (
-        bool(torch.isfinite(scores.sum())) or bool(torch.isfinite(scores).all())
-    ):
-        raise TargetError(
-            f"the target scores are not finite ({scores.detach().flatten()[:4].tolist()}...): "
-            "the model overflows or divides by zero on this input. Check the input's "
-            "preprocessing; for float16 models, try bfloat16 or float32."
-        )
+    if isinstance(scores, Tensor):
+        require_finite(scores, lambda: _non_finite_scores(scores))
     several = isinstance(target, MultiClassTarget)
     if several and isinstance(scores, Tensor) and scores.ndim == 2 and scores.shape[0] == m:
         pass  # (M, K): several targets per sample
