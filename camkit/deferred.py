@@ -27,7 +27,14 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["deferred_checks", "is_finite", "require_finite", "resolve", "resolving"]
+__all__ = [
+    "deferred_checks",
+    "is_finite",
+    "require",
+    "require_finite",
+    "resolve",
+    "resolving",
+]
 
 #: defer on the CPU too (tests exercise the deferred path without a GPU)
 DEFER_ON_CPU = False
@@ -38,8 +45,8 @@ R = TypeVar("R")
 
 @dataclass
 class _Pending:
-    finite_sum: Tensor  # 0-dim bool on the device: the tensor's sum is finite
-    tensor: Tensor
+    ok: Tensor  # 0-dim bool on the device: the check passes (for finiteness: the sum is finite)
+    confirm: Callable[[], bool] | None  # a second look when ``ok`` is false
     error: Callable[[], Exception]
 
 
@@ -61,7 +68,23 @@ def require_finite(t: Tensor, error: Callable[[], Exception]) -> None:
             raise error()
         return
     with torch.no_grad():
-        pending.append(_Pending(torch.isfinite(t.detach().sum()), t.detach(), error))
+        t = t.detach()
+        pending.append(
+            _Pending(torch.isfinite(t.sum()), lambda: bool(torch.isfinite(t).all()), error)
+        )
+
+
+def require(ok: Tensor, error: Callable[[], Exception]) -> bool:
+    """Raise ``error()`` unless the 0-dim bool ``ok`` is true: at once on the CPU or outside
+    :func:`deferred_checks` (returns ``True``), else at the next :func:`resolve` (returns
+    ``False``: the caller must keep what it does until then safe for a failing check)."""
+    pending = _PENDING.get()
+    if pending is None or (ok.device.type == "cpu" and not DEFER_ON_CPU):
+        if not bool(ok):
+            raise error()
+        return True
+    pending.append(_Pending(ok.detach(), None, error))
+    return False
 
 
 def resolve() -> None:
@@ -71,10 +94,10 @@ def resolve() -> None:
         return
     checks = list(pending)
     pending.clear()
-    device = checks[0].finite_sum.device
-    sums = torch.stack([c.finite_sum.to(device) for c in checks]).tolist()
-    for ok, check in zip(sums, checks, strict=True):
-        if not ok and not bool(torch.isfinite(check.tensor).all()):
+    device = checks[0].ok.device
+    flags = torch.stack([c.ok.to(device) for c in checks]).tolist()
+    for ok, check in zip(flags, checks, strict=True):
+        if not ok and (check.confirm is None or not check.confirm()):
             raise check.error()
 
 

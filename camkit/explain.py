@@ -47,7 +47,14 @@ from .forward import (
     unwrap,
 )
 from .inputs import KeywordModel, input_spatial, split_mapping, to_input_rank
-from .layers import LayerSpec, cached_default_layer, resolve_layers, target_key, target_scorer
+from .layers import (
+    LayerSpec,
+    cached_default_layer,
+    resolve_layers,
+    still_resolves,
+    target_key,
+    target_scorer,
+)
 from .layout import batch_rows, layer_layout, prepare_maps, target_major
 from .method import Context, Method
 from .options import resolve_options
@@ -101,8 +108,8 @@ class Explainer:
         _check_differentiable(self.method, self.options, self.registry)
         self.model: nn.Module | None = model
         self.layer = layer
-        if layer is not None:
-            resolve_layers(model, layer)  # fail early on unknown names
+        # fail early on unknown names; reused while each name still leads to its module
+        self._resolved = resolve_layers(model, layer) if layer is not None else None
 
     def __enter__(self) -> Explainer:
         return self
@@ -194,7 +201,9 @@ class Explainer:
         spatial_dims: int | None,
     ) -> list[tuple[str, nn.Module]]:
         if self.layer is not None:
-            return resolve_layers(model, self.layer)
+            if self._resolved is None or not still_resolves(model, self._resolved):
+                self._resolved = resolve_layers(model, self.layer)
+            return list(self._resolved)
         own = self.method.layers(model)
         if own:
             return resolve_layers(model, own)

@@ -49,6 +49,7 @@ __all__ = [
     "probe",
     "probe_dependence",
     "resolve_layers",
+    "still_resolves",
     "target_key",
     "target_scorer",
 ]
@@ -180,6 +181,15 @@ def resolve_layers(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Modu
             raise LayerError(f"layer {name!r} is listed twice; list each layer once.")
         seen.add(name)
     return out
+
+
+def still_resolves(model: nn.Module, resolved: Sequence[tuple[str, nn.Module]]) -> bool:
+    """Each ``(name, module)`` of an earlier :func:`resolve_layers` still names that module of
+    ``model`` (a walk along each name, not over the whole model)."""
+    try:
+        return all(_by_name(model, name) is module for name, module in resolved)
+    except UnknownLayerError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .cam import fit_mask
 from .checks import as_class_tensor, check_class_range, check_logit_rows
-from .deferred import require_finite
+from .deferred import require, require_finite
 from .detection import BoxTarget, box_iou
 from .errors import OptionError, TargetError
 from .logits import FinerTarget, LogitsTarget, ReSTTarget
@@ -103,15 +103,28 @@ class ClassTarget(LogitsTarget):
 
     def __init__(self, classes: Tensor) -> None:
         self.classes = classes
+        self._clamp = 0  # > 0: clamp indices to [0, _clamp) until a queued range check resolves
 
     def check(self, output: Any) -> None:
-        """Raise :class:`TargetError` when a class is out of range for ``output``."""
-        _check_range(self.classes, _logits(output).shape[1])
+        """Raise :class:`TargetError` when a class is out of range for ``output``; on a GPU
+        inside a call, at the call's next resolution of its checks (:mod:`camkit.deferred`),
+        the classes clamped until then so that no index leaves the logits."""
+        k = _logits(output).shape[1]
+        classes = self.classes
+        if classes.device.type == "cpu":
+            _check_range(classes, k)
+            return
+        ok = ((classes >= 0) & (classes < k)).all()
+        if not require(ok, lambda: _range_error(classes, k)):
+            self._clamp = k
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
         logits = _logits(output)
         rows = torch.arange(logits.shape[0], device=logits.device)
-        return logits[rows, self.classes.to(logits.device)[index.to(logits.device)]]
+        classes = self.classes.to(logits.device)
+        if self._clamp:
+            classes = classes.clamp(0, self._clamp - 1)
+        return logits[rows, classes[index.to(logits.device)]]
 
     def class_indices(self, n: int) -> Tensor | None:
         """``classes``, one per sample."""
@@ -273,7 +286,8 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
                 f"target has {t.shape[0]} entries for a batch of {n} samples; pass one class "
                 "per sample, or a single int for all."
             )
-        classes = t.to(device=_device(output), dtype=torch.long)
+        # a fresh host tensor copied without waiting for the device's queue
+        classes = t.to(device=_device(output), dtype=torch.long, non_blocking=True)
     elif callable(getattr(target, "resolve", None)):  # settled on this output (FinerTarget)
         built = target.resolve(output, n)
         built.check(output)
@@ -290,7 +304,8 @@ def as_target(target: Any, output: Any, n: int) -> tuple[Target, Tensor | None]:
             f"an object with scores(output, index); got {type(target).__name__}."
         )
     ct = ClassTarget(classes)
-    ct.check(output)
+    if not isinstance(target, int):  # an int was checked on the host
+        ct.check(output)
     return ct, classes
 
 
@@ -307,6 +322,14 @@ def scored_output(output: Any, target: Target, choice: Any) -> Any:
     if choice is None and not isinstance(target, LogitsTarget):
         return output
     return select_output(output, choice)
+
+
+def _range_error(classes: Tensor, k: int) -> TargetError:
+    bad = (classes < 0) | (classes >= k)
+    return TargetError(
+        f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
+        f"got {sorted(set(classes[bad].tolist()))}."
+    )
 
 
 def _non_finite_scores(scores: Tensor) -> TargetError:

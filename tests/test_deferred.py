@@ -8,6 +8,7 @@ of a Grad-CAM call.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 
 import camkit
 import camkit.deferred as deferred
+
+layers_module = importlib.import_module("camkit.layers")  # camkit.layers is also a function
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -192,3 +195,49 @@ def test_an_overflowing_sum_of_finite_values_is_no_failure(monkeypatch: pytest.M
     with deferred.deferred_checks():
         deferred.require_finite(big, lambda: ValueError("wrongly failed"))
     assert not bool(torch.isfinite(big.sum()))
+
+
+def test_an_int_target_adds_no_read(mode: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Net().eval()
+    camkit.explain(model, X, method="gradcam", layer="layer", target=2)
+    reads = _host_reads(monkeypatch)
+    camkit.explain(model, X, method="gradcam", layer="layer", target=2)
+    monkeypatch.undo()
+    # the int is checked against the logits' width on the host, not on the device
+    assert len(reads) == (3 if mode else 7), reads
+
+
+@pytest.mark.parametrize("target", [[1, 3], torch.tensor([-1, 0])])
+def test_an_out_of_range_class_tensor_raises_the_target_error(mode: bool, target: object) -> None:
+    model = Net().eval()
+    with pytest.raises(camkit.TargetError, match=r"must lie in \[0, 2\]"):
+        camkit.explain(model, X, method=Rescoring(), layer="layer", target=target)
+    assert model.calls == 1  # resolved before ctx.score ran the model again
+
+
+def test_a_class_tensor_in_range_gives_the_int_targets_maps(mode: bool) -> None:
+    model = Net().eval()
+    a = camkit.explain(model, X, method="gradcam", layer="layer", target=torch.tensor([2, 2]))
+    b = camkit.explain(model, X, method="gradcam", layer="layer", target=2)
+    assert torch.equal(a.maps, b.maps)
+
+
+def test_an_explainer_follows_a_replaced_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Net().eval()
+    ex = camkit.Explainer(model, layer="layer", method="gradcam")
+    walks = []
+    walk = layers_module.module_names
+
+    def counted(model: nn.Module) -> dict[nn.Module, str]:
+        walks.append(1)
+        return walk(model)
+
+    monkeypatch.setattr(layers_module, "module_names", counted)
+    first = ex(X, target=1)
+    assert walks == []  # the layer resolved when the Explainer was made is reused
+    model.layer = nn.Tanh()  # a new module under the same name: found again, and hooked
+    second = ex(X, target=1)
+    monkeypatch.undo()
+    assert len(walks) == 1
+    expected = camkit.explain(model, X, method="gradcam", layer="layer", target=1)
+    assert torch.equal(second.maps, expected.maps) and not torch.equal(first.maps, second.maps)
