@@ -75,7 +75,8 @@ REPORTED = ["shapleycam", "kpcacam", "dff"]
 
 @contextmanager
 def _auto_choices() -> Iterator[Counter[int]]:
-    """Count the rows each ``batch_size="auto"`` resolution chose while the block runs."""
+    """Count the rows the rule of each ``batch_size="auto"`` resolution gave while the block
+    runs (on the CPU the probe then chooses around it: :func:`camkit.batching.chosen_rows`)."""
     chosen: Counter[int] = Counter()
     rule = camkit.batching.auto_batch_size
 
@@ -242,8 +243,13 @@ def test_scorecam_over_inference_on_c_images(
         )
     floor = min((name for name, _ in floors), key=lambda n: comparison.seconds(n).median)
     auto_rows = {str(rows): calls for rows, calls in sorted(chosen.items())}
+    probed = camkit.batching.chosen_rows(model, x[:1], work="score")
     benchmark.extra_info.update(
-        **environment(), **comparison.info("scorecam", floor), floor=floor, auto_rows=auto_rows
+        **environment(),
+        **comparison.info("scorecam", floor),
+        floor=floor,
+        auto_rows=auto_rows,
+        auto_probed=probed,
     )
     constant = int(_constant_channels(model, LAYER, x).sum())
     scorecam = comparison.ratio("scorecam", floor)
@@ -255,8 +261,10 @@ def test_scorecam_over_inference_on_c_images(
     )
     report(
         f"scorecam/{floor} {scorecam.text()}  target <= {SCORECAM_TARGET}; "
-        f"{constant} of {channels} channels constant (scored once); batch_size='auto' chose "
+        f"{constant} of {channels} channels constant (scored once); batch_size='auto': the "
+        + "rule gave "
         + ", ".join(f"{rows} rows in {calls} calls" for rows, calls in auto_rows.items())
+        + f", the probe chose {probed} rows"
     )
     record_ratio("scorecam/inference_on_C_images_best_chunk", scorecam, comparison)
     for name in ("sscam-n2", "iscam-n2"):

@@ -1,20 +1,21 @@
 """The capabilities a method's context carries: ``ctx.score`` and ``ctx.recapture``
 (``ctx.run_suffix`` is :func:`camkit.suffix.suffix_runner`).
 
-Each re-runs the model for a method (masked inputs, noisy copies) in chunks of ``batch_size``,
-with the capture hooks of the call switched off and the caller's autocast settings restored.
+Each re-runs the model for a method (masked inputs, noisy copies) in chunks of ``batch_size``
+(:func:`camkit.batching.chunk_spans`), with the capture hooks of the call switched off and the
+caller's autocast settings restored.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .batching import resolve_batch_size
+from .batching import chunk_spans
 from .call import Call
 from .capture import hooks_paused
 from .errors import PluginError
@@ -22,13 +23,7 @@ from .forward import captured_forward
 from .layout import layer_layout, prepare_maps
 from .targets import Target, scored_output
 
-__all__ = ["chunks", "recapturer", "scorer"]
-
-
-def chunks(n: int, size: int) -> Iterator[slice]:
-    """Slices of ``range(n)`` of at most ``size`` elements."""
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+__all__ = ["recapturer", "scorer"]
 
 
 def _check_index(what: str, m: int, index: Tensor) -> None:
@@ -49,12 +44,12 @@ def scorer(call: Call, target: Target) -> Callable[..., Tensor]:
         m = int(batch[0].shape[0])
         _check_index("ctx.score", m, index)
         out = []
-        rows = resolve_batch_size(opts["batch_size"], tuple(t[:1] for t in batch))
+        row = tuple(t[:1] for t in batch)
         with hooks_paused(), torch.no_grad(), call.autocast():
-            for sl in chunks(m, rows):
-                o = call.model(*(t[sl] for t in batch), **call.kwargs)
+            for start, stop in chunk_spans(opts["batch_size"], m, row, call.model, work="score"):
+                o = call.model(*(t[start:stop] for t in batch), **call.kwargs)
                 o = scored_output(o, scoring, opts["output"])
-                out.append(scoring.scores(o, index[sl]).detach())
+                out.append(scoring.scores(o, index[start:stop]).detach())
         return torch.cat(out)
 
     return score
@@ -71,8 +66,10 @@ def recapturer(
         m = int(batch[0].shape[0])
         _check_index("ctx.recapture", m, index)
         acts, grads = [], []
-        rows = resolve_batch_size(opts["batch_size"], tuple(t[:1] for t in batch))
-        for sl in chunks(m, rows):
+        row = tuple(t[:1] for t in batch)
+        work = ("recapture", layer[0], call.method.needs_gradients)
+        for start, stop in chunk_spans(opts["batch_size"], m, row, call.model, work=work):
+            sl = slice(start, stop)
             part = tuple(t[sl] for t in batch)
             sub = dataclasses.replace(call, inputs=part, layers=[layer], target=target)
             with call.autocast():

@@ -18,8 +18,9 @@ What is here:
 - map helpers on batched tensors (shapes in each docstring): :func:`weighted_sum`,
   :func:`principal_component`, :func:`eigen_combine`, :func:`normalize`, :func:`upsample`,
   :func:`fuse_mean`;
-- :func:`resolve_batch_size` for methods that chunk their own re-runs of the model (the
-  ``batch_size`` option as rows, ``"auto"`` resolved);
+- :func:`chunk_spans` for methods that chunk their own re-runs of the model (the
+  ``batch_size`` option as spans of rows; ``"auto"`` on the CPU probes for the fastest chunk),
+  and :func:`resolve_batch_size` (the option as one number of rows, by the rule);
 - :func:`progress_bar` for long loops (quiet unless the call's ``progress`` option asks);
 - option checkers that raise :class:`OptionError` with the option's name, the expected and
   the received value: :func:`check_bool`, :func:`check_int`, :func:`check_number`,
@@ -38,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .batching import resolve_batch_size
+from .batching import chunk_spans, resolve_batch_size
 from .cam import eigen_combine, fuse_mean, normalize, principal_component, upsample, weighted_sum
 from .errors import (
     BlankMapWarning,
@@ -111,6 +112,7 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_number",
+    "chunk_spans",
     "eigen_combine",
     "fuse_mean",
     "gaussian_blur",

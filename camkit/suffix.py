@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batching import resolve_batch_size
+from .batching import chunk_spans
 from .call import Call
 from .capture import Capture, hooks_paused, output_replaced
 from .errors import CamkitError, CamkitWarning, OptionError, PluginError, user_stacklevel
@@ -64,7 +64,7 @@ class SuffixRunner:
         layer: the target module.
         activations: ``(N, C, *S)`` the layer's output on ``inputs``.
         score: ``score(output, index) -> (M,)``: selects the output and applies the target.
-        batch_size: rows per replay.
+        batch_size: rows per replay (the ``batch_size`` option: an int or ``"auto"``).
         batch_dim: the dimension of the layer's output that holds the batch (1 for
             sequence-first tokens).
     """
@@ -77,7 +77,7 @@ class SuffixRunner:
         layer: tuple[str, nn.Module],
         activations: Tensor,
         score: Callable[[Any, Tensor], Tensor],
-        batch_size: int,
+        batch_size: int | str,
         batch_dim: int = 0,
     ) -> None:
         self.model, self.inputs, self.kwargs = model, inputs, kwargs
@@ -99,10 +99,12 @@ class SuffixRunner:
             if self.fast is None:
                 self._check(activations.select(bd, 0), index[0])
             out = []
+            row = self.activations.narrow(bd, 0, 1)
+            work = ("suffix", self.name)
             with self._patches():
-                for start in range(0, total, self.batch_size):
-                    part = activations.narrow(bd, start, min(self.batch_size, total - start))
-                    rows = index[start : start + self.batch_size]
+                for start, stop in chunk_spans(self.batch_size, total, row, self.model, work=work):
+                    part = activations.narrow(bd, start, stop - start)
+                    rows = index[start:stop]
                     if self.fast:
                         try:
                             out.append(self._replay_chunk(part, rows))
@@ -258,7 +260,7 @@ def suffix_runner(
                 layer,
                 activations,
                 lambda o, idx: target.scores(scored_output(o, target, opts["output"]), idx),
-                resolve_batch_size(opts["batch_size"], activations.narrow(layout.batch_dim, 0, 1)),
+                opts["batch_size"],
                 layout.batch_dim,
             )
             if primed is not None:

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 import camkit
+from camkit.plugin import chunk_spans
 from camkit.plugin import progress_bar as bar
-from camkit.plugin import resolve_batch_size
 
 
 class AblationCAM(camkit.Method):
@@ -74,20 +74,23 @@ class AblationCAM(camkit.Method):
         device = a.device
         drops = torch.zeros(n, c, dtype=a.dtype, device=device)
         live = a.flatten(2).ne(0).any(dim=2)  # (N, C): channels that can change the score
-        chunk = resolve_batch_size(ctx.options["batch_size"], a[:1])
+        batch_size, work = ctx.options["batch_size"], ("suffix", ctx.layer)
         with bar(int(live.sum()), "ablation-cam", ctx.options) as progress:
             for i in range(n):
                 channels = live[i].nonzero().flatten()
-                # one buffer per sample: each replay zeroes its channels in `per` copies and
-                # puts them back after (no new tensor per replay); the row after them is the
-                # unablated sample, and `per + 1 <= batch_size` keeps it in the copies' replay,
-                # so the drops come from scores of one batch and kernel rounding that depends
-                # on the batch size cancels
-                per = max(1, min(chunk - 1, len(channels)))
-                copies = a[i].expand(per + 1, *a.shape[1:]).clone()
-                for start in range(0, int(channels.numel()), per):
-                    ks = channels[start : start + per]
+                # one buffer per sample, grown to the largest span: each replay zeroes its
+                # channels in `k` copies and puts them back after (no new tensor per replay);
+                # the row after them is the unablated sample, and `reserve=1` keeps it in the
+                # copies' replay (`k + 1` rows), so the drops come from scores of one batch and
+                # kernel rounding that depends on the batch size cancels
+                copies = a.new_empty((0, *a.shape[1:]))
+                for start, stop in chunk_spans(
+                    batch_size, len(channels), a[:1], ctx.model, work=work, reserve=1
+                ):
+                    ks = channels[start:stop]
                     k = len(ks)
+                    if copies.shape[0] < k + 1:
+                        copies = a[i].expand(k + 1, *a.shape[1:]).clone()
                     rows = torch.arange(k, device=device)
                     copies[rows, ks] = 0
                     index = torch.full((k + 1,), i, dtype=torch.long, device=device)

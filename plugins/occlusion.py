@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 import camkit
-from camkit.plugin import check_number, resolve_batch_size
+from camkit.plugin import check_number, chunk_spans
 from camkit.plugin import progress_bar as bar
 
 
@@ -129,10 +129,10 @@ class Occlusion(camkit.Method):
         baseline = torch.tensor(float(ctx.options["baseline"]), dtype=x.dtype, device=device)
         y = ctx.scores.double()
         drops = torch.zeros(n, math.prod(size), dtype=torch.float64, device=device)
-        chunk = resolve_batch_size(ctx.options["batch_size"], ctx.inputs[0][:1])
+        batch_size, row = ctx.options["batch_size"], tuple(t[:1] for t in ctx.inputs)
         with bar(n * len(masks), self.name, ctx.options) as progress:
-            for start in range(0, len(masks), chunk):
-                covered = masks.chunk(start, chunk)  # (m, *S) bool
+            for start, stop in chunk_spans(batch_size, len(masks), row, ctx.model, work="score"):
+                covered = masks.chunk(start, stop - start)  # (m, *S) bool
                 m = covered.shape[0]
                 flat = covered.flatten(1).double()
                 for i in range(n):

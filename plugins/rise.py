@@ -45,7 +45,7 @@ from camkit.plugin import (
     check_choice,
     check_int,
     check_number,
-    resolve_batch_size,
+    chunk_spans,
     upsample,
 )
 from camkit.plugin import progress_bar as bar
@@ -134,12 +134,10 @@ class RISE(camkit.Method):
         )
         target = _score_target(ctx)
         saliency = torch.zeros(n, math.prod(size), dtype=torch.float64, device=device)
-        chunk = resolve_batch_size(ctx.options["batch_size"], ctx.inputs[0][:1])
+        batch_size, row = ctx.options["batch_size"], tuple(t[:1] for t in ctx.inputs)
         with bar(n * count, self.name, ctx.options) as progress:
-            for start in range(0, count, chunk):
-                masks = rise_masks(
-                    grids[start : start + chunk], shifts[start : start + chunk], size
-                )
+            for start, stop in chunk_spans(batch_size, count, row, ctx.model, work="score"):
+                masks = rise_masks(grids[start:stop], shifts[start:stop], size)
                 m = masks.shape[0]
                 flat = masks.flatten(1).double()
                 for i in range(n):

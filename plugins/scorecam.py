@@ -22,11 +22,12 @@ the zero mask to the full mask, ``(1/n) Σ_{i=1..n} f^c(X ⊙ (i/n) M_k)``; dete
 
 Cost model: ``C`` masked forwards for Score-CAM, ``n_samples * C`` for SS-CAM and IS-CAM, each
 scored through ``ctx.score`` in chunks of ``batch_size`` (``"auto"``: by device and the size of
-one input row, see :mod:`camkit.batching`); masks are built chunk by chunk on the
-device (never ``N * C`` masked inputs at once). Channels whose normalised mask is all zero (a
-constant activation map) share one score, that of the zero-masked input (with the same noise
-draw for SS-CAM: the noise of draw ``t`` is shared by every channel), computed once and counted
-for each of them in the softmax, so skipping them is exact.
+one input row, on the CPU probed once per model and row shape, see :mod:`camkit.batching`);
+masks are built chunk by chunk on the device (never ``N * C`` masked inputs at once). Channels
+whose normalised mask is all zero (a constant activation map) share one score, that of the
+zero-masked input (with the same noise draw for SS-CAM: the noise of draw ``t`` is shared by
+every channel), computed once and counted for each of them in the softmax, so skipping them is
+exact.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import camkit
-from camkit.plugin import ClassTarget, resolve_batch_size, upsample
+from camkit.plugin import ClassTarget, chunk_spans, upsample
 from camkit.plugin import progress_bar as bar
 
 
@@ -87,12 +88,10 @@ class _MaskScore(camkit.Method):
                 f"{tuple(x.shape)}."
             )
         probability = ctx.options.get("weights") == "probability"
+        batch_size = ctx.options["batch_size"]
         target = _probability_target(ctx) if probability else None
         draws = self._draws(ctx)
-        # never more rows than channels
-        chunk = min(
-            resolve_batch_size(ctx.options["batch_size"], (x[:1], *(t[:1] for t in rest))), c
-        )
+        row = (x[:1], *(t[:1] for t in rest))  # one masked input: the chunks' rows
         flat = a.flatten(2)
         # a constant map (all zeros after ReLU, typically) upsamples to a constant, whose
         # normalised mask is all zero: those channels share the zero-masked input's score
@@ -105,16 +104,18 @@ class _MaskScore(camkit.Method):
                 live = (~constant[i]).nonzero().flatten()
                 dead = constant[i].nonzero().flatten()
                 rows = torch.cat([live, dead[:1]])  # the last row stands for every dead one
-                index = torch.full((chunk,), i, dtype=torch.long, device=a.device)
+                m = len(rows)
+                index = torch.full((m,), i, dtype=torch.long, device=a.device)
                 for make in draws:
-                    total = torch.empty(len(rows), dtype=torch.float64, device=a.device)
-                    for start in range(0, len(rows), chunk):
-                        ks = rows[start : start + chunk]
-                        masks = masks_of(a[i, ks], size)
+                    total = torch.empty(m, dtype=torch.float64, device=a.device)
+                    # the masked inputs of each span are built when it runs: at most one
+                    # chunk of them exists at a time
+                    for start, stop in chunk_spans(batch_size, m, row, ctx.model, work="score"):
+                        masks = masks_of(a[i, rows[start:stop]], size)
                         masked = make(x[i : i + 1], masks.unsqueeze(1).to(x.dtype))
-                        idx = index[: len(ks)]
+                        idx = index[start:stop]
                         batch = (masked, *(t[idx] for t in rest))
-                        total[start : start + len(ks)] = ctx.score(batch, idx, target).double()
+                        total[start:stop] = ctx.score(batch, idx, target).double()
                     if not bool(torch.isfinite(total).all()):
                         raise camkit.TargetError(
                             f"{self.name}: the scores of masked inputs of sample {i} are not "
