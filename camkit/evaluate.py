@@ -22,6 +22,7 @@ from .metric import METRIC_OPTIONS, Metric, MetricContext, MetricResult
 from .registry import Registry, default_registry
 from .result import CamResult
 from .targets import ProbabilityTarget, Target, as_target, select_output
+from .walk import any_training
 
 __all__ = ["evaluate", "metric_options", "model_kept"]
 
@@ -54,7 +55,7 @@ def metric_options(metric: Metric, options: Mapping[str, Any]) -> dict[str, Any]
 def model_kept(model: nn.Module) -> Iterator[None]:
     """Restore the model's buffers afterwards when some module is in training mode (batch-norm
     statistics would otherwise move while scoring)."""
-    if not any(m.training for m in model.modules()):
+    if not any_training(model):
         yield
         return
     saved = [(b, b.detach().clone()) for b in model.buffers()]

@@ -23,6 +23,7 @@ from .checks import check_input_devices
 from .deferred import is_finite, require_finite
 from .errors import CamkitWarning, InputError, LayerError, TargetError, user_stacklevel
 from .targets import Target, score_target
+from .walk import any_training
 
 __all__ = [
     "FLOAT16_SCALE",
@@ -118,7 +119,7 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
     alone: the graph of a differentiable call saves batch norms' running statistics, and a
     counted in-place write would make the caller's backward fail (the values it reads are
     the ones the forward used: batch statistics in training mode, unchanged ones in eval)."""
-    if not any(m.training for m in model.modules()):
+    if not any_training(model):
         yield
         return
     saved = [(b, b.detach().clone()) for b in model.buffers()]

@@ -35,6 +35,7 @@ from .errors import LayerError, UnknownLayerError, did_you_mean
 from .inputs import KeywordModel, input_spatial, split_mapping
 from .layout import has_spatial_extent, told_layout
 from .targets import ClassTarget, score_target, select_output
+from .walk import any_training, module_names
 
 __all__ = [
     "LayerInfo",
@@ -45,7 +46,6 @@ __all__ = [
     "has_spatial_extent",
     "layers",
     "maps_onto_input",
-    "module_names",
     "probe",
     "probe_dependence",
     "resolve_layers",
@@ -114,14 +114,6 @@ def fits_input(
         math.floor(i / stride + 1e-9) <= s <= math.ceil(i / stride - 1e-9)
         for s, i in zip(t.shape[2:], input_spatial, strict=True)
     ) and all(s <= i for s, i in zip(t.shape[2:], input_spatial, strict=True))
-
-
-def module_names(model: nn.Module) -> dict[nn.Module, str]:
-    """Map each module of ``model`` to its first dotted name (``""`` for the model)."""
-    names: dict[nn.Module, str] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        names.setdefault(mod, name)
-    return names
 
 
 def _by_name(model: nn.Module, name: str) -> nn.Module:
@@ -467,7 +459,7 @@ def layers(model: nn.Module, x: Any, **model_kwargs: Any) -> list[LayerInfo]:
     spatial = input_spatial(first) if isinstance(first, Tensor) else None
     batch = int(first.shape[0]) if isinstance(first, Tensor) else 0
     # a train-mode model updates its batch-norm statistics in any forward: put them back
-    training = any(m.training for m in model.modules())
+    training = any_training(model)
     saved = [(b, b.detach().clone()) for b in model.buffers()] if training else []
     try:
         records = probe(model, lambda: runner(*inputs, **model_kwargs), spatial, batch)

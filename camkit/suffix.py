@@ -45,6 +45,7 @@ from .layers import target_key
 from .layout import Layout, batch_dim
 from .replay import Primed, Replay, Replays, patched, record_prefix, run_replay, versions
 from .targets import Target, score_target, scored_output
+from .walk import any_training
 
 __all__ = ["SuffixRunner", "primed_forward", "suffix_runner", "verdict_key"]
 
@@ -298,7 +299,7 @@ def verdict_key(call: Call, name: str, module: nn.Module) -> Any:
     """The key of a passed replay check of ``call`` at layer ``name``, or ``None`` where none
     is kept (a module in training mode, inference-mode parameters)."""
     model = call.model
-    if any(m.training for m in model.modules()):
+    if any_training(model):
         return None  # batch statistics, dropout: checked on every call
     state = _state(model)
     if state is None:

@@ -226,7 +226,7 @@ def test_an_explainer_follows_a_replaced_layer(monkeypatch: pytest.MonkeyPatch) 
     model = Net().eval()
     ex = camkit.Explainer(model, layer="layer", method="gradcam")
     walks = []
-    walk = layers_module.module_names
+    walk = layers_module.module_names  # as layers.py imported it
 
     def counted(model: nn.Module) -> dict[nn.Module, str]:
         walks.append(1)
