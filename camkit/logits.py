@@ -15,7 +15,14 @@ from torch import Tensor
 
 from .errors import TargetError
 
-__all__ = ["FinerTarget", "LogitsTarget", "ReSTTarget", "check_classes", "class_logits"]
+__all__ = [
+    "FinerTarget",
+    "LogitsTarget",
+    "ReSTTarget",
+    "check_classes",
+    "class_logits",
+    "class_range_error",
+]
 
 
 def class_logits(output: Any) -> Tensor:
@@ -30,14 +37,19 @@ def class_logits(output: Any) -> Tensor:
     return output
 
 
+def class_range_error(classes: Tensor, k: int) -> TargetError:
+    """The :class:`TargetError` for classes some of which lie outside ``[0, k)``."""
+    bad = (classes < 0) | (classes >= k)
+    return TargetError(
+        f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
+        f"got {sorted(set(classes[bad].tolist()))}."
+    )
+
+
 def check_classes(classes: Tensor, k: int) -> None:
     """Raise :class:`TargetError` unless every class lies in ``[0, k)``."""
-    bad = (classes < 0) | (classes >= k)
-    if bool(bad.any()):
-        raise TargetError(
-            f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
-            f"got {sorted(set(classes[bad].tolist()))}."
-        )
+    if bool(((classes < 0) | (classes >= k)).any()):
+        raise class_range_error(classes, k)
 
 
 class LogitsTarget:

@@ -24,7 +24,7 @@ from .checks import as_class_tensor, check_class_range, check_logit_rows
 from .deferred import require, require_finite
 from .detection import BoxTarget, box_iou
 from .errors import OptionError, TargetError
-from .logits import FinerTarget, LogitsTarget, ReSTTarget
+from .logits import FinerTarget, LogitsTarget, ReSTTarget, class_range_error
 from .logits import check_classes as _check_range
 from .logits import class_logits as _logits
 
@@ -115,7 +115,7 @@ class ClassTarget(LogitsTarget):
             _check_range(classes, k)
             return
         ok = ((classes >= 0) & (classes < k)).all()
-        if not require(ok, lambda: _range_error(classes, k)):
+        if not require(ok, lambda: class_range_error(classes, k)):
             self._clamp = k
 
     def scores(self, output: Any, index: Tensor) -> Tensor:
@@ -322,14 +322,6 @@ def scored_output(output: Any, target: Target, choice: Any) -> Any:
     if choice is None and not isinstance(target, LogitsTarget):
         return output
     return select_output(output, choice)
-
-
-def _range_error(classes: Tensor, k: int) -> TargetError:
-    bad = (classes < 0) | (classes >= k)
-    return TargetError(
-        f"target classes must lie in [0, {k - 1}] for a model with {k} outputs; "
-        f"got {sorted(set(classes[bad].tolist()))}."
-    )
 
 
 def _non_finite_scores(scores: Tensor) -> TargetError:
